@@ -1,0 +1,159 @@
+"""`shard()`: apply MiCS to a model with FSDP2 as the runtime, plus two-hop sync and gradient clipping.
+
+A MiCS job is FSDP2 on a 2-D ``("replicate", "shard")`` mesh (HSDP) whose shard dimension is the
+partition group, with three additions: the partition size comes from the topology (scale-aware),
+collectives run hierarchically when a partition group spans nodes, and gradient accumulation defers
+the replication all-reduce to the last micro-step (:func:`no_replica_sync`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from torchmics.collectives import HierarchicalAllGather, HierarchicalReduceScatter
+from torchmics.topology import Topology
+from torchmics.wrapping import resolve_units
+
+_TOPOLOGY_ATTR = "_torchmics_topology"
+_NO_SYNC_ATTR = "_torchmics_in_no_replica_sync"
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """Precision of compute and communication.
+
+    ``param_dtype`` is the dtype parameters are all-gathered and computed in (the sharded master copy
+    stays in its original dtype for the optimizer). ``reduce_dtype`` is the dtype gradients are
+    reduced in; ``None`` means ``param_dtype``.
+    """
+
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+
+    def to_fsdp(self) -> MixedPrecisionPolicy:
+        return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+
+
+def topology_of(model: nn.Module) -> Topology:
+    """The topology a model was sharded with; a clear error for a model :func:`shard` did not return."""
+    topo = getattr(model, _TOPOLOGY_ATTR, None)
+    if topo is None:
+        raise ValueError(
+            f"{type(model).__name__} was not returned by torchmics.shard(); call "
+            "`model = torchmics.shard(model, topo)` first and pass that model."
+        )
+    return topo
+
+
+def shard(
+    model: nn.Module,
+    topology: Topology,
+    *,
+    wrap: tuple[type[nn.Module], ...] | None = None,
+    mixed_precision: MixedPrecision | None = None,
+    hierarchical: bool | Literal["auto"] = "auto",
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Shard ``model`` in place over ``topology``'s partition groups and return it.
+
+    Each *unit* (an instance of a class in ``wrap``; ``None`` picks them automatically, see
+    :func:`torchmics.wrapping.resolve_units`) gathers its parameters just before it runs and frees
+    them after, so peak memory holds one or two gathered units rather than the whole model. The root
+    module becomes a unit too, holding whatever the units do not (embeddings, heads, tied weights).
+
+    ``hierarchical="auto"`` uses two-stage collectives exactly when the partition group spans nodes
+    with several GPUs each; ``True`` demands it (an error if the topology has no hierarchy), ``False``
+    forces flat rings (for comparison).
+    """
+    _check_shardable(model, topology)
+    use_hierarchy = _resolve_hierarchical(hierarchical, topology)
+    # One replica: a 1-D mesh is plain FSDP and skips HSDP's no-op all-reduce bookkeeping.
+    mesh = topology.mesh if topology.num_replicas > 1 else topology.mesh["shard"]
+    policy = (mixed_precision or MixedPrecision()).to_fsdp()
+    units = resolve_units(model, wrap)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    if use_hierarchy:
+        all_gather, reduce_scatter = HierarchicalAllGather(topology), HierarchicalReduceScatter(topology)
+        for module in model.modules():
+            if isinstance(module, FSDPModule) and _has_params(module):
+                module.set_custom_all_gather(all_gather)
+                module.set_custom_reduce_scatter(reduce_scatter)
+    setattr(model, _TOPOLOGY_ATTR, topology)
+    return model
+
+
+def _has_params(module: FSDPModule) -> bool:
+    return any(group.fsdp_params for group in module._get_fsdp_state()._fsdp_param_groups)
+
+
+def _check_shardable(model: nn.Module, topology: Topology) -> None:
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} is already sharded (it contains FSDP modules); shard() takes the "
+            "plain model once. Build a fresh model to shard it with another topology."
+        )
+    if topology.mesh is None:
+        raise ValueError(
+            "this Topology has no process groups (it came from plan_topology()); use "
+            "torchmics.init_mesh(partition_size=...) to create them."
+        )
+
+
+def _resolve_hierarchical(hierarchical: bool | Literal["auto"], topology: Topology) -> bool:
+    if hierarchical == "auto":
+        return topology.hierarchical
+    if hierarchical is True and not topology.hierarchical:
+        raise ValueError(
+            "hierarchical=True needs a partition group spanning nodes with several GPUs each "
+            f"(partition_size > gpus_per_node > 1), but the topology is: {topology.describe()}"
+        )
+    if hierarchical not in (True, False):
+        raise ValueError(f"hierarchical must be 'auto', True or False, got {hierarchical!r}")
+    return hierarchical
+
+
+@contextlib.contextmanager
+def no_replica_sync(model: nn.Module) -> Iterator[None]:
+    """Two-hop gradient sync: backwards inside only reduce-scatter within the partition group.
+
+    Gradients stay sharded (each micro-step's reduce-scatter output is accumulated into the shard),
+    and the replication-group all-reduce is skipped. The first backward *outside* the context
+    all-reduces the accumulated shard once, so a step with ``A`` micro-batches costs ``A`` cheap
+    partition-group reduce-scatters and one replica all-reduce instead of ``A`` of each.
+    """
+    topology_of(model)
+    if getattr(model, _NO_SYNC_ATTR, False):
+        raise RuntimeError("no_replica_sync(model) is already active for this model; do not nest it.")
+    setattr(model, _NO_SYNC_ATTR, True)
+    model.set_requires_all_reduce(False)
+    try:
+        yield
+    finally:
+        model.set_requires_all_reduce(True)
+        setattr(model, _NO_SYNC_ATTR, False)
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """Clip the global gradient norm of a sharded model; returns the total norm (before clipping).
+
+    Gradients are sharded DTensors, so the norm of each shard is reduced across the partition group
+    (replicas hold identical shards after the replica all-reduce). Call it after the last backward
+    of the step, outside :func:`no_replica_sync`.
+    """
+    topology_of(model)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
+    return total
