@@ -1,0 +1,103 @@
+"""Start one process per rank on this machine, optionally pretending to be several nodes.
+
+Under ``torchrun`` (or Slurm via torchrun) nothing is spawned: the environment already names every
+rank. On one machine we spawn the ranks ourselves with the same environment variables torchrun would
+set, so the rest of torchmics has a single code path. ``emulate_nodes=N`` splits the local ranks into
+N groups and gives each its own ``NCCL_HOSTID``: NCCL then routes traffic between groups over its
+socket transport (loopback) instead of NVLink, which makes one host behave like a cloud cluster with
+a slow inter-node network. On CPU (gloo) emulation only changes the topology torchmics is told.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# NVLink multicast (NVLS) stays off: on shared hosts it can take the GPUs out of service.
+NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@dataclass(frozen=True)
+class LocalLaunch:
+    """How to lay ``nprocs`` local processes out as ``nodes`` emulated nodes."""
+
+    nprocs: int
+    nodes: int = 1
+    use_gpus: bool = False
+
+    def __post_init__(self) -> None:
+        if self.nprocs < 1:
+            raise ValueError(f"nprocs must be >= 1, got {self.nprocs}")
+        if self.nodes < 1 or self.nprocs % self.nodes != 0:
+            raise ValueError(
+                f"cannot split {self.nprocs} processes into {self.nodes} emulated nodes: the node count "
+                f"must divide the process count (try one of "
+                f"{[n for n in range(1, self.nprocs + 1) if self.nprocs % n == 0]})."
+            )
+
+    @property
+    def procs_per_node(self) -> int:
+        return self.nprocs // self.nodes
+
+    def rank_env(self, rank: int, port: int) -> dict[str, str]:
+        """The environment torchrun would give ``rank``, plus the per-node NCCL host id."""
+        env = {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(self.nprocs),
+            "LOCAL_WORLD_SIZE": str(self.procs_per_node),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            **NVLS_OFF,
+        }
+        if self.use_gpus and self.nodes > 1:
+            env.update(
+                NCCL_HOSTID=f"emu-node{rank // self.procs_per_node}",
+                NCCL_SOCKET_IFNAME="lo",
+                NCCL_IB_DISABLE="1",
+            )
+        return env
+
+
+def under_torchrun() -> bool:
+    """True when an external launcher (torchrun, Slurm + torchrun) already started every rank."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_WORLD_SIZE" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, launch: LocalLaunch, port: int, fn: Callable[..., Any], args: tuple) -> None:
+    os.environ.update(launch.rank_env(rank, port))
+    try:
+        fn(*args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn: Callable[..., Any], launch: LocalLaunch, *args: Any, timeout_s: float | None = None) -> None:
+    """Run ``fn(*args)`` in ``launch.nprocs`` fresh processes and wait for all of them.
+
+    If any rank raises, the others are terminated and the failing rank's traceback is re-raised here
+    (``torch.multiprocessing.ProcessRaisedException``), so a crash never turns into a hang. With
+    ``timeout_s`` a run that has not finished in time is terminated with ``TimeoutError``.
+    """
+    port = free_port()
+    context = mp.start_processes(_worker, args=(launch, port, fn, args), nprocs=launch.nprocs, join=False, start_method="spawn")
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if deadline is not None and time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{launch.nprocs} workers did not finish within {timeout_s:.0f} s")

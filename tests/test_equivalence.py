@@ -1,0 +1,120 @@
+"""torchmics training equals single-process training on the same global batch (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torchmics
+from dist_utils import run_ranks
+from toy import ToyModel, lm_loss, make_batches, reference_training
+from traffic import record_traffic
+
+STEPS, ACCUM = 3, 2
+
+
+def build_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(config)
+
+
+def build_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=37, n_embd=16, n_layer=2, n_head=4, n_positions=32,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+BUILDERS = {"toy": ToyModel, "llama": build_llama, "gpt2": build_gpt2}
+
+
+def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batches: torch.Tensor):
+    """Runs on every rank: shard, train with two-hop accumulation, return losses, weights, traffic."""
+    topo = torchmics.init_mesh(partition_size=partition_size, gpus_per_node=gpus_per_node)
+    torch.manual_seed(0)
+    model = torchmics.shard(BUILDERS[builder](), topo)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    losses, replica_all_reduces = [], []
+    with record_traffic() as traffic:
+        for step_batches in batches:
+            before = _replica_all_reduces(traffic, topo)
+            step_loss = torch.zeros(())
+            for i, micro in enumerate(step_batches):
+                last = i == len(step_batches) - 1
+                with contextlib.nullcontext() if last else torchmics.no_replica_sync(model):
+                    loss = lm_loss(model, micro.chunk(world)[rank]) / len(step_batches)
+                    loss.backward()
+                step_loss += loss.detach()
+            replica_all_reduces.append(_replica_all_reduces(traffic, topo) - before)
+            torchmics.clip_grad_norm_(model, 1.0)
+            opt.step()
+            opt.zero_grad()
+            losses.append(step_loss)
+    for loss in losses:
+        dist.all_reduce(loss)
+    units = sum(1 for m in model.modules() if isinstance(m, torch.distributed.fsdp.FSDPModule))
+    return {
+        "losses": [loss.item() / world for loss in losses],
+        "state": torchmics.full_state_dict(model),
+        "traffic": dict(traffic),
+        "replica_all_reduces": replica_all_reduces,
+        "units": units,
+        "topology": (topo.partition_groups, topo.inter_groups, topo.intra_groups),
+    }
+
+
+def _replica_all_reduces(traffic, topo) -> int:
+    if topo.num_replicas == 1:
+        return 0
+    return sum(n for (name, ranks), n in traffic.items() if name == "all_reduce" and len(ranks) == topo.num_replicas)
+
+
+def assert_matches_reference(result, builder: str, batches: torch.Tensor) -> None:
+    ref_losses, ref_state = reference_training(BUILDERS[builder], batches)
+    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    assert set(result["state"]) == set(ref_state)
+    for name, expected in ref_state.items():
+        torch.testing.assert_close(result["state"][name], expected, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(
+    "world,nodes,partition",
+    [(4, 1, 1), (4, 1, 2), (4, 1, 4), (4, 2, 4), (4, 4, 4), (8, 2, 4)],
+    ids=["w4-p1", "w4-p2", "w4-p4", "2x2-p4-hier", "4x1-p4", "2x4-p4-hier-2rep"],
+)
+def test_toy_model_matches_single_process(world, nodes, partition):
+    batches = make_batches(STEPS, ACCUM, global_batch=world * 2)
+    results = run_ranks(sharded_training, world, world // nodes, partition, "toy", batches, nodes=nodes)
+    assert_matches_reference(results[0], "toy", batches)
+    assert results[0]["losses"] == results[-1]["losses"]
+    for result in results:  # two-hop: exactly one replica all-reduce per unit per optimizer step
+        expected = result["units"] if world // partition > 1 else 0
+        assert result["replica_all_reduces"] == [expected] * STEPS
+
+
+def test_hierarchical_path_carries_the_traffic():
+    """On 2 nodes x 2, partition 4: gathers run on inter/intra sub-groups, never on the flat group."""
+    batches = make_batches(1, 1, global_batch=4)
+    result = run_ranks(sharded_training, 4, 2, 4, "toy", batches, nodes=2)[0]
+    partition_groups, inter_groups, intra_groups = result["topology"]
+    assert inter_groups == ((0, 2), (1, 3)) and intra_groups == ((0, 1), (2, 3))
+    traffic = result["traffic"]
+    for collective in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        assert traffic.get((collective, (0, 1, 2, 3)), 0) == 0, f"flat {collective} ran"
+        assert traffic.get((collective, (0, 2)), 0) > 0, f"no inter-node {collective}"
+        assert traffic.get((collective, (0, 1)), 0) > 0, f"no intra-node {collective}"
+
+
+@pytest.mark.parametrize("builder", ["llama", "gpt2"])
+def test_transformers_models_match_single_process(builder):
+    batches = make_batches(2, ACCUM, global_batch=8)
+    results = run_ranks(sharded_training, 4, 2, 4, builder, batches, nodes=2)
+    assert_matches_reference(results[0], builder, batches)

@@ -1,0 +1,69 @@
+"""Misuse raises a clear error before any collective can hang."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchmics
+from dist_utils import run_ranks
+from toy import ToyBlock, ToyModel
+
+
+def test_init_mesh_without_process_group_or_torchrun(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        torchmics.init_mesh(partition_size=1)
+
+
+def test_shard_needs_live_groups():
+    with pytest.raises(ValueError, match="init_mesh"):
+        torchmics.shard(ToyModel(), torchmics.plan_topology(4, 2, 4))
+
+
+def test_no_replica_sync_and_clip_need_a_sharded_model():
+    with pytest.raises(ValueError, match="torchmics.shard"):
+        with torchmics.no_replica_sync(nn.Linear(2, 2)):
+            pass
+    with pytest.raises(ValueError, match="torchmics.shard"):
+        torchmics.clip_grad_norm_(nn.Linear(2, 2), 1.0)
+
+
+def _misuse_on_every_rank() -> dict[str, str]:
+    """Each misuse, caught on every rank; the job must finish (no rank left waiting in a collective)."""
+    errors = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+        except (ValueError, RuntimeError, TypeError) as err:
+            errors[name] = f"{type(err).__name__}: {err}"
+
+    attempt("bad_partition", lambda: torchmics.init_mesh(partition_size=3))
+    topo = torchmics.init_mesh(partition_size=2)
+    model = torchmics.shard(ToyModel(), topo)
+    attempt("shard_twice", lambda: torchmics.shard(model, topo))
+    attempt("forced_hierarchy", lambda: torchmics.shard(ToyModel(), topo, hierarchical=True))
+    attempt("tied_unit", lambda: torchmics.shard(ToyModel(), topo, wrap=(nn.Embedding, ToyBlock)))
+    attempt("wrap_not_classes", lambda: torchmics.shard(ToyModel(), topo, wrap=[ToyBlock]))
+
+    def nested():
+        with torchmics.no_replica_sync(model):
+            with torchmics.no_replica_sync(model):
+                pass
+
+    attempt("nested_no_sync", nested)
+    model(torch.zeros(2, 3, dtype=torch.long)).sum().backward()  # still usable after every misuse
+    return errors
+
+
+def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
+    results = run_ranks(_misuse_on_every_rank, 2)
+    assert results[0] == results[1]
+    errors = results[0]
+    assert "Valid sizes: [1, 2]" in errors["bad_partition"]
+    assert "already sharded" in errors["shard_twice"]
+    assert "hierarchical=True" in errors["forced_hierarchy"]
+    assert "tied weights" in errors["tied_unit"]
+    assert "tuple of nn.Module classes" in errors["wrap_not_classes"]
+    assert "do not nest" in errors["nested_no_sync"]
