@@ -62,7 +62,11 @@ def load_tokens(path: str | None, seq_len: int | None = None) -> TokenData:
 def _stdlib_corpus() -> tuple[np.ndarray, str]:
     """The first 8 MB of the standard library's sources: real code, present wherever Python is, no download."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts))
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [s for s in subfolders if s not in ("site-packages", "dist-packages")]  # installed packages
+        files += [Path(folder, name) for name in names if name.endswith(".py")]
+    files.sort()
     chunks, size = [], 0
     for f in files:
         if size >= STDLIB_CORPUS_BYTES:
@@ -76,9 +80,8 @@ def _stdlib_corpus() -> tuple[np.ndarray, str]:
 def _text_bytes(path: Path) -> tuple[np.ndarray, str]:
     if path.is_file():
         return np.frombuffer(path.read_bytes(), dtype=np.uint8), f"text file {path} (bytes)"
-    files = sorted(
-        f for f in path.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
-    )
+    files = [f for f in sorted(path.rglob("*")) if f.is_file()]
+    files = [f for f in files if not any(part.startswith(".") for part in f.relative_to(path).parts)]
     data = b"".join(f.read_bytes() for f in files)
     return np.frombuffer(data, dtype=np.uint8), f"text folder {path} ({len(files)} files, bytes)"
 

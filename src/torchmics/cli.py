@@ -1,0 +1,34 @@
+"""The `torchmics` command: train | bench | plan | simulate | export."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from torch.multiprocessing import ProcessRaisedException
+
+from torchmics.train import command as train_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchmics", description="MiCS sharded data parallelism for PyTorch")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    train_command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"torchmics {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ProcessRaisedException as err:
+        print(f"torchmics {args.command}: a worker failed; its traceback:\n{err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The shape of a decoder model: all the planner needs to know about it.
+
+The memory and cost models only need sizes (parameters, layers, width, sequence, vocabulary, heads),
+so a ``ModelSpec`` can describe a model that was never built: one of our GPT presets, a Hugging Face
+``config.json``, or a model from a paper that is far too large for the machine running the planner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Hugging Face decoders with a SiLU activation (LLaMA, Mistral, Qwen) use a gated MLP: three matrices.
+_GATED_ACTIVATIONS = ("silu", "swiglu")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Sizes of a decoder-only transformer; ``num_params`` counts every trainable parameter."""
+
+    num_params: int
+    n_layer: int
+    d_model: int
+    seq_len: int
+    vocab_size: int
+    n_head: int
+
+    @property
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward): 6N for the matmuls plus attention scores.
+
+        The attention term is 12 * n_layer * d_model * seq_len (Kaplan et al. / PaLM's MFU convention);
+        it is what MFU is measured against, so recomputation is *not* included here.
+        """
+        return 6 * self.num_params + 12 * self.n_layer * self.d_model * self.seq_len
+
+    @property
+    def embedding_params(self) -> int:
+        """Token embedding; FSDP2 keeps it in the root unit, gathered for the whole forward."""
+        return self.vocab_size * self.d_model
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of one transformer block: one FSDP2 unit, one all-gather and one reduce-scatter."""
+        return max(1, (self.num_params - self.embedding_params) // self.n_layer)
+
+    @classmethod
+    def from_shape(
+        cls,
+        n_layer: int,
+        d_model: int,
+        n_head: int,
+        seq_len: int,
+        vocab_size: int,
+        num_params: int | None = None,
+    ) -> ModelSpec:
+        """A GPT-style decoder; ``num_params=None`` counts 12 * n_layer * d^2 + vocab * d (tied head)."""
+        if num_params is None:
+            num_params = _decoder_params(n_layer, d_model, vocab_size)
+        return cls(num_params, n_layer, d_model, seq_len, vocab_size, n_head)
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelSpec:
+        """Read a Hugging Face ``config.json`` (LLaMA-style names, or GPT-2's n_layer / n_embd / n_positions).
+
+        The parameter count is estimated from the shape: grouped-query attention, a gated MLP for
+        SiLU models, and an untied output head are taken into account; biases and norms are not
+        (they are < 0.1% of a billion-parameter model).
+        """
+        n_layer = _first(config, "num_hidden_layers", "n_layer")
+        d_model = _first(config, "hidden_size", "n_embd", "d_model")
+        n_head = _first(config, "num_attention_heads", "n_head")
+        seq_len = _first(config, "max_position_embeddings", "n_positions", "seq_length")
+        vocab_size = _first(config, "vocab_size")
+        ffn = config.get("intermediate_size") or config.get("n_inner") or 4 * d_model
+        kv_dim = d_model * config.get("num_key_value_heads", n_head) // n_head
+        num_params = _decoder_params(
+            n_layer,
+            d_model,
+            vocab_size,
+            ffn=ffn,
+            kv_dim=kv_dim,
+            gated=config.get("hidden_act", "") in _GATED_ACTIVATIONS,
+            tied=config.get("tie_word_embeddings", True),
+        )
+        return cls(num_params, n_layer, d_model, seq_len, vocab_size, n_head)
+
+    @classmethod
+    def from_preset(cls, name: str) -> ModelSpec:
+        """A paper model from :data:`PAPER_MODELS`, or a preset of ``torchmics.models.gpt``."""
+        if name in PAPER_MODELS:
+            return PAPER_MODELS[name]
+        from torchmics.models import gpt  # lazy: the planner must not pay for importing the model code
+
+        if name not in gpt.PRESETS:
+            known = sorted([*PAPER_MODELS, *gpt.PRESETS])
+            raise ValueError(f"unknown model preset {name!r}; known presets: {known}")
+        cfg = gpt.PRESETS[name]
+        return cls(gpt.num_params(cfg), cfg.n_layer, cfg.d_model, cfg.seq_len, cfg.vocab_size, cfg.n_head)
+
+
+def _decoder_params(
+    n_layer: int,
+    d_model: int,
+    vocab_size: int,
+    *,
+    ffn: int | None = None,
+    kv_dim: int | None = None,
+    gated: bool = False,
+    tied: bool = True,
+) -> int:
+    ffn = ffn or 4 * d_model
+    kv_dim = kv_dim or d_model
+    attention = 2 * d_model * d_model + 2 * d_model * kv_dim  # q, o and k, v projections
+    mlp = (3 if gated else 2) * d_model * ffn
+    return n_layer * (attention + mlp) + (1 if tied else 2) * vocab_size * d_model
+
+
+def _first(config: dict[str, Any], *keys: str) -> int:
+    for key in keys:
+        if key in config:
+            return int(config[key])
+    raise KeyError(f"config has none of {keys}; is it a decoder-only transformer config?")
+
+
+PAPER_MODELS: dict[str, ModelSpec] = {
+    # The MiCS paper's 100B-class model (its Section 7 case study: 512 A100-40GB on p4d). Assumption:
+    # d_model 8192 and 124 layers (12 * 124 * 8192^2 = 99.9B, twice the depth of the paper's BERT-50B),
+    # 64 heads, sequence 512 (the paper's BERT pre-training length) and a 32k vocabulary; the paper
+    # does not publish the exact shape of this proprietary model.
+    "mics-100b": ModelSpec.from_shape(n_layer=124, d_model=8192, n_head=64, seq_len=512, vocab_size=32000),
+    # GPT-3 175B (Brown et al. 2020, Table 2.1): 96 layers, d 12288, 96 heads, context 2048.
+    "gpt3-175b": ModelSpec.from_shape(n_layer=96, d_model=12288, n_head=96, seq_len=2048, vocab_size=50257),
+}

@@ -1,0 +1,69 @@
+"""How model states are sharded and synchronised: the one choice the planner searches over.
+
+DDP, ZeRO-3 and MiCS differ only in the partition size P (how many GPUs share one copy of the model
+states) and in how gradients reach the other copies. Describing all three with one dataclass lets the
+memory and cost models treat them uniformly: DDP is P = 1 without gathered units, ZeRO-3 is P = world
+with a flat ring, MiCS is any node-aligned P in between.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from torchmics.topology import validate
+
+Kind = Literal["ddp", "zero3", "mics"]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One data-parallel strategy and its precision.
+
+    ``hierarchical``: a partition group that spans nodes all-gathers inter-node first, then intra-node
+    (MiCS Section 3.2); ZeRO-3 always uses NCCL's flat ring. ``two_hop``: under gradient accumulation
+    the replication all-reduce runs once per step instead of every micro-step (MiCS Section 3.3; also
+    how DDP's ``no_sync`` is usually used). ``param_bytes`` is the dtype of gathered units and compute,
+    ``reduce_bytes`` that of gradient collectives. ``replica_sharded_optimizer`` additionally shards the
+    optimizer states across replicas (W / P ways), which MiCS itself does not do.
+    """
+
+    kind: Kind
+    partition_size: int | None = None  # None: 1 for DDP, the world for ZeRO-3; required for MiCS
+    hierarchical: bool = True
+    two_hop: bool = True
+    param_bytes: int = 2
+    reduce_bytes: int = 4
+    replica_sharded_optimizer: bool = False
+
+    @classmethod
+    def ddp(cls, **precision: int | bool) -> Strategy:
+        return cls("ddp", 1, hierarchical=False, **precision)
+
+    @classmethod
+    def zero3(cls, **precision: int | bool) -> Strategy:
+        return cls("zero3", None, hierarchical=False, **precision)
+
+    @classmethod
+    def mics(cls, partition_size: int, **options: int | bool) -> Strategy:
+        return cls("mics", partition_size, **options)
+
+    def partition(self, world_size: int, gpus_per_node: int) -> int:
+        """The partition size on this cluster; raises ``ValueError`` when it is not node-aligned."""
+        p = world_size if self.kind == "zero3" else self.partition_size
+        if p is None:
+            raise ValueError("Strategy.mics needs a partition_size")
+        validate(world_size, gpus_per_node, p)
+        return p
+
+    def label(self, world_size: int, gpus_per_node: int) -> str:
+        """Short name for tables: ``mics P=64 hier``, ``zero3``, ``ddp``."""
+        if self.kind != "mics":
+            return self.kind
+        p = self.partition(world_size, gpus_per_node)
+        spans = p > gpus_per_node > 1
+        return f"mics P={p}" + ((" hier" if self.hierarchical else " flat") if spans else "")
+
+    def with_partition(self, partition_size: int, hierarchical: bool) -> Strategy:
+        return dataclasses.replace(self, kind="mics", partition_size=partition_size, hierarchical=hierarchical)

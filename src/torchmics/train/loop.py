@@ -1,0 +1,147 @@
+"""The training loop every rank runs: build, shard, then step with two-hop gradient accumulation.
+
+Read it top to bottom: `train` sets the job up and loops over optimizer steps; `train_step` is one
+step of ``accum`` micro-steps, all but the last inside `no_replica_sync` so the replication
+all-reduce runs once per step (MiCS's two-hop synchronization).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import torchmics
+from torchmics import checkpoint
+from torchmics.models import build_model, causal_lm_loss, logits_of
+from torchmics.models.gpt import GPT
+from torchmics.topology import device_type
+from torchmics.train.config import TrainConfig
+from torchmics.train.data import BatchSampler, load_tokens
+from torchmics.train.report import Reporter, peak_memory_bytes
+from torchmics.train.resolve import job_sizes, resolve_partition_size
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Activation checkpointing and compilation go on per block, before sharding (as torchtitan does)."""
+    if cfg.activation_checkpointing:
+        if isinstance(model, GPT):
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            model.blocks = nn.ModuleList(checkpoint_wrapper(block) for block in model.blocks)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        for block in _blocks(model):
+            block.compile()
+    return model
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=lambda l: sum(p.numel() for p in l.parameters()))) if lists else [model]
+
+
+def train_step(model: nn.Module, sampler: BatchSampler, step: int, accum: int, device: torch.device) -> torch.Tensor:
+    """Forward and backward over ``accum`` micro-batches; returns this rank's mean loss (a tensor)."""
+    total = torch.zeros((), device=device)
+    for micro in range(accum):
+        x, y = (t.to(device, non_blocking=True) for t in sampler.batch(step, micro))
+        last = micro == accum - 1
+        with contextlib.nullcontext() if last else torchmics.no_replica_sync(model):
+            loss = causal_lm_loss(logits_of(model, x), y) / accum
+            loss.backward()
+        total += loss.detach()
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, sampler: BatchSampler, batches: int, device: torch.device) -> float:
+    """Mean validation loss over ``batches`` fixed batches, averaged over all ranks."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    for i in range(batches):
+        x, y = (t.to(device) for t in sampler.batch(0, i))
+        total += causal_lm_loss(logits_of(model, x), y)
+    model.train()
+    dist.all_reduce(total)
+    return total.item() / (batches * dist.get_world_size())
+
+
+def _mixed_precision(cfg: TrainConfig) -> torchmics.MixedPrecision:
+    if cfg.mixed_precision == "bf16":
+        return torchmics.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return torchmics.MixedPrecision()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """One rank's whole run; returns the final summary (the same on every rank)."""
+    torch.manual_seed(cfg.seed)
+    model, info = build_model(cfg.model, cfg.seq_len)
+    world, gpus_per_node = job_sizes(cfg)
+    partition_size = resolve_partition_size(cfg, info, world, gpus_per_node)
+    topo = torchmics.init_mesh(partition_size=partition_size, gpus_per_node=gpus_per_node)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(device_type(), torch.cuda.current_device() if device_type() == "cuda" else None)
+    data = load_tokens(cfg.data, info.seq_len)
+    model = torchmics.shard(prepare_model(model, cfg), topo, mixed_precision=_mixed_precision(cfg))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+    )
+    sampler = BatchSampler(data.train, info.seq_len, cfg.micro_batch * world, rank, world, cfg.seed)
+    val_sampler = BatchSampler(data.val, info.seq_len, cfg.micro_batch * world, rank, world, cfg.seed + 1)
+    start = _resume(cfg, model, optimizer)
+    reporter = Reporter(cfg, topo, info, data.source, model, enabled=rank == 0)
+    tokens_per_step = cfg.micro_batch * world * cfg.accum * info.seq_len
+    for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        began = time.perf_counter()
+        loss = train_step(model, sampler, step, cfg.accum, device)
+        grad_norm = torchmics.clip_grad_norm_(model, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(loss)
+        elapsed = time.perf_counter() - began
+        record = {
+            "step": step + 1,
+            "loss": loss.item() / world,
+            "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": tokens_per_step / elapsed,
+            "step_time_s": elapsed,
+            "peak_mem_bytes": peak_memory_bytes(device),
+        }
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            record["val_loss"] = evaluate(model, val_sampler, cfg.eval_batches, device)
+        reporter.log(record)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            _save(cfg, model, optimizer, step + 1)
+    return reporter.finish()
+
+
+def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """The step to start from: 0, or the step of the checkpoint ``--resume`` names."""
+    if cfg.resume is None:
+        return 0
+    path = checkpoint.latest_checkpoint(cfg.out) if cfg.resume == "auto" else cfg.resume
+    if path is None:
+        return 0
+    return int(checkpoint.load_checkpoint(path, model, optimizer)["step"])
+
+
+def _save(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    checkpoint.save_checkpoint(os.path.join(cfg.out, f"step_{step}"), model, optimizer, step=step, extra={"model": cfg.model})

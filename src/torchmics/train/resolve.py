@@ -1,0 +1,49 @@
+"""Turning "auto" settings into numbers: how many processes, how many nodes, which partition size.
+
+Everything here is decided from the configuration and the environment alone, so the launcher can
+decide (and reject bad input) before spawning, and every rank under torchrun decides the same.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from torchmics.models.gpt import ModelInfo
+from torchmics.topology import validate
+from torchmics.train.config import TrainConfig
+
+CPU_DEFAULT_NPROC, CPU_DEFAULT_NODES = 4, 2  # enough for a hierarchical partition group and a replica-free two-hop
+
+
+def local_launch_shape(cfg: TrainConfig) -> tuple[int, int]:
+    """(processes, emulated nodes) for a run this machine spawns itself."""
+    gpus = torch.cuda.device_count()
+    nproc = cfg.nproc or gpus or CPU_DEFAULT_NPROC
+    nodes = cfg.emulate_nodes or (1 if gpus else min(CPU_DEFAULT_NODES, nproc))
+    return nproc, nodes
+
+
+def job_sizes(cfg: TrainConfig) -> tuple[int, int]:
+    """(world size, GPUs per node) of the running job, from torchrun's (or our launcher's) environment."""
+    world = int(os.environ["WORLD_SIZE"])
+    return world, cfg.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def resolve_partition_size(cfg: TrainConfig, info: ModelInfo, world: int, gpus_per_node: int) -> int:
+    """The configured partition size, or the planner's choice for ``auto`` (validated either way).
+
+    On CPU there is no memory limit worth modelling, so ``auto`` shards over the whole world, which
+    exercises every collective (hierarchical ones too when the world spans emulated nodes).
+    """
+    if cfg.partition_size != "auto":
+        size = int(cfg.partition_size)
+    elif torch.cuda.is_available():
+        from torchmics.plan.auto import recommend_partition_size
+
+        size = recommend_partition_size(info, cfg, world, gpus_per_node)
+    else:
+        size = world
+    validate(world, gpus_per_node, size)
+    return size
