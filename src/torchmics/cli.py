@@ -7,6 +7,7 @@ import sys
 
 from torch.multiprocessing import ProcessRaisedException
 
+from torchmics.bench import command as bench_command
 from torchmics.train import command as train_command
 
 
@@ -14,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchmics", description="MiCS sharded data parallelism for PyTorch")
     subparsers = parser.add_subparsers(dest="command", required=True)
     train_command.add_parser(subparsers)
+    bench_command.add_parser(subparsers)
     return parser
 
 

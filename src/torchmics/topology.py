@@ -133,8 +133,13 @@ def plan_topology(world_size: int, gpus_per_node: int, partition_size: int) -> T
     return Topology(W, G, P, partitions, replicas, inter, intra)
 
 
-def _start_process_group() -> None:
-    """Start the default process group from torchrun's environment, or explain how to get one."""
+def ensure_process_group() -> None:
+    """Start the default process group from torchrun's environment, or explain how to get one.
+
+    NCCL when GPUs are present (each rank on the GPU of its ``LOCAL_RANK``), gloo otherwise.
+    """
+    if dist.is_initialized():
+        return
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise RuntimeError(
@@ -170,8 +175,7 @@ def init_mesh(partition_size: int | None = None, gpus_per_node: int | None = Non
     reads ``LOCAL_WORLD_SIZE`` (or counts local GPUs). Every rank validates the sizes before creating
     a group, so a bad size raises everywhere instead of hanging in a collective.
     """
-    if not dist.is_initialized():
-        _start_process_group()
+    ensure_process_group()
     world_size, rank = dist.get_world_size(), dist.get_rank()
     gpus_per_node = gpus_per_node or _default_gpus_per_node(world_size)
     topo = plan_topology(world_size, gpus_per_node, partition_size or world_size)

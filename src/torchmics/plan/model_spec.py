@@ -96,7 +96,7 @@ class ModelSpec:
             known = sorted([*PAPER_MODELS, *gpt.PRESETS])
             raise ValueError(f"unknown model preset {name!r}; known presets: {known}")
         cfg = gpt.PRESETS[name]
-        return cls(gpt.num_params(cfg), cfg.n_layer, cfg.d_model, cfg.seq_len, cfg.vocab_size, cfg.n_head)
+        return cls(cfg.num_params(), cfg.n_layer, cfg.d_model, cfg.seq_len, cfg.vocab_size, cfg.n_head)
 
 
 def _decoder_params(

@@ -65,5 +65,6 @@ class Strategy:
         spans = p > gpus_per_node > 1
         return f"mics P={p}" + ((" hier" if self.hierarchical else " flat") if spans else "")
 
-    def with_partition(self, partition_size: int, hierarchical: bool) -> Strategy:
-        return dataclasses.replace(self, kind="mics", partition_size=partition_size, hierarchical=hierarchical)
+    def with_sharding(self, kind: Kind, partition_size: int | None = None, hierarchical: bool = False) -> Strategy:
+        """The same precision and synchronisation options, sharded another way."""
+        return dataclasses.replace(self, kind=kind, partition_size=partition_size, hierarchical=hierarchical)

@@ -1,0 +1,1 @@
+"""Benchmarks: torchmics against its peers on the same hardware."""

@@ -1,0 +1,78 @@
+"""`torchmics bench`: every system on the same GPUs in one invocation, results committed as tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from torchmics.bench.collectives import measure_collectives
+from torchmics.bench.report import markdown_table, write_outputs
+from torchmics.bench.runner import BenchConfig, run_system
+from torchmics.bench.systems import SYSTEMS
+from torchmics.topology import validate
+from torchmics.train.launcher import LocalLaunch, spawn
+
+ON_GPU = torch.cuda.is_available()
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="benchmark torchmics against FSDP2, HSDP and DDP on the same GPUs",
+                              description="Measures tokens/s per GPU, MFU and peak memory of each system. "
+                              "On CPU it runs a tiny model on gloo (a functional check, not a figure).")
+    p.add_argument("--model", default="1.4b" if ON_GPU else "tiny")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from: {', '.join(SYSTEMS)}")
+    p.add_argument("--partition-size", type=int, default=None, help="torchmics/HSDP partition size (default: GPUs per node)")
+    p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 4)
+    p.add_argument("--emulate-nodes", type=int, default=1)
+    p.add_argument("--accum", type=int, default=4 if ON_GPU else 2)
+    p.add_argument("--micro-batch", type=int, default=4 if ON_GPU else 2)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--steps", type=int, default=6 if ON_GPU else 2, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3 if ON_GPU else 1, help="untimed steps first")
+    p.add_argument("--reduce-dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--param-dtype", choices=("bf16", "fp32"), default="bf16" if ON_GPU else "fp32")
+    p.add_argument("--collectives", action="store_true", help="measure flat vs hierarchical collectives instead")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>-<nodes>x<gpus>)")
+    p.set_defaults(run=run)
+
+
+def _config(args: argparse.Namespace) -> BenchConfig:
+    unknown = [s for s in args.systems.split(",") if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}; valid: {', '.join(SYSTEMS)}")
+    LocalLaunch(args.nproc, args.emulate_nodes)  # validates the split into nodes
+    return BenchConfig(args.model, args.micro_batch, args.seq_len, args.accum, args.steps, args.warmup,
+                       args.emulate_nodes, args.nproc, args.reduce_dtype, args.param_dtype)
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    if args.out:
+        return Path(args.out)
+    device = torch.cuda.get_device_name(0).split()[-1].lower() if ON_GPU else "cpu"
+    return Path("benchmarks/results") / f"{device}-{args.emulate_nodes}x{args.nproc // args.emulate_nodes}"
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg, console, out_dir = _config(args), Console(soft_wrap=True), _out_dir(args)
+    gpus_per_node = cfg.nproc // cfg.nodes
+    if args.collectives:
+        out_file = f"/tmp/torchmics-collectives-{os.getpid()}.jsonl"
+        spawn(measure_collectives, LocalLaunch(cfg.nproc, cfg.nodes, use_gpus=ON_GPU), gpus_per_node, out_file)
+        records = [json.loads(line) for line in Path(out_file).read_text().splitlines()]
+    else:
+        partition = args.partition_size or gpus_per_node
+        validate(cfg.nproc, gpus_per_node, partition)
+        records = []
+        for system in args.systems.split(","):
+            began = time.perf_counter()
+            records.append(run_system(cfg, system, partition))
+            console.print(f"{system}: {records[-1]['status']} ({time.perf_counter() - began:.0f} s)")
+    write_outputs(out_dir, records)
+    console.print(markdown_table(records))
+    console.print(f"appended to {out_dir}/results.jsonl; table {out_dir}/results.md, chart {out_dir}/results.png")

@@ -1,0 +1,100 @@
+"""The systems `torchmics bench` compares, each prepared from the same plain model.
+
+Every system returns a `Prepared`: the wrapped model and how a micro-step is synchronized. The
+benchmark loop is then identical for all of them, so differences in the numbers are differences
+in the sharding runtime, not in the harness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+import torchmics
+from torchmics.wrapping import resolve_units
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """One system on one topology; what a results.jsonl line records besides the measurements."""
+
+    system: str
+    partition_size: int
+    gpus_per_node: int
+    reduce_dtype: torch.dtype
+    param_dtype: torch.dtype
+
+
+@dataclass
+class Prepared:
+    model: nn.Module
+    sync: Callable[[bool], AbstractContextManager]  # is_last_micro_step -> context for that micro-step
+    autocast: bool = False  # DDP keeps fp32 params and computes under bf16 autocast
+
+
+def _always_sync(is_last: bool) -> AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def _torchmics(spec: BenchSpec, model: nn.Module, hierarchical, two_hop: bool) -> Prepared:
+    topo = torchmics.init_mesh(partition_size=spec.partition_size, gpus_per_node=spec.gpus_per_node)
+    mp = torchmics.MixedPrecision(param_dtype=spec.param_dtype, reduce_dtype=spec.reduce_dtype)
+    model = torchmics.shard(model, topo, mixed_precision=mp, hierarchical=hierarchical)
+
+    def sync(is_last: bool) -> AbstractContextManager:
+        return contextlib.nullcontext() if is_last or not two_hop else torchmics.no_replica_sync(model)
+
+    return Prepared(model, sync)
+
+
+def _fsdp2(spec: BenchSpec, model: nn.Module, hsdp: bool) -> Prepared:
+    """Plain FSDP2, as a user would write it: full shard over the world, or HSDP with two-hop."""
+    world = dist.get_world_size()
+    shape, names = ((world // spec.partition_size, spec.partition_size), ("replicate", "shard")) if hsdp else ((world,), ("shard",))
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", shape, mesh_dim_names=names)
+    policy = MixedPrecisionPolicy(param_dtype=spec.param_dtype, reduce_dtype=spec.reduce_dtype)
+    for unit in resolve_units(model, None):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+    def sync(is_last: bool) -> AbstractContextManager:
+        model.set_requires_all_reduce(is_last or not hsdp)
+        return contextlib.nullcontext()
+
+    return Prepared(model, sync)
+
+
+def _ddp(spec: BenchSpec, model: nn.Module) -> Prepared:
+    """DDP all-reduces every micro-step (no ``no_sync``), the DESIGN.md §7 baseline."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    ddp = DistributedDataParallel(model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
+    if spec.reduce_dtype == torch.bfloat16:
+        ddp.register_comm_hook(dist.group.WORLD, _bf16_all_reduce)
+    return Prepared(ddp, _always_sync, autocast=spec.param_dtype != torch.float32)
+
+
+def _bf16_all_reduce(group, bucket):  # unannotated: DDP checks the hook's annotations at run time
+    """DDP's gradient all-reduce in bf16 (torch's own bf16 hook refuses gloo, so CPU runs use this one)."""
+    compressed = bucket.buffer().to(torch.bfloat16).div_(group.size())
+    work = dist.all_reduce(compressed, group=group, async_op=True)
+    return work.get_future().then(lambda fut: bucket.buffer().copy_(fut.value()[0]))
+
+
+SYSTEMS: dict[str, Callable[[BenchSpec, nn.Module], Prepared]] = {
+    "torchmics": lambda spec, model: _torchmics(spec, model, "auto", two_hop=True),
+    "torchmics-flat": lambda spec, model: _torchmics(spec, model, False, two_hop=True),
+    "torchmics-no-two-hop": lambda spec, model: _torchmics(spec, model, "auto", two_hop=False),
+    "fsdp2-full": lambda spec, model: _fsdp2(spec, model, hsdp=False),
+    "fsdp2-hsdp": lambda spec, model: _fsdp2(spec, model, hsdp=True),
+    "ddp": _ddp,
+}
