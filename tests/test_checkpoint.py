@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 import torchmics
 from dist_utils import run_ranks
@@ -37,10 +38,18 @@ EXTRA = {"data_position": RESUME_AT, "note": "toy"}
 # ---- what runs on every rank ---------------------------------------------------------------------
 
 
-def _toy(topo: torchmics.Topology, build: Callable[[], nn.Module] = ToyModel):
+def _adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2, momentum=0.9)
+
+
+def _sharded(topo: torchmics.Topology, build: Callable[[], nn.Module] = ToyModel, optimizer=_adamw):
     torch.manual_seed(0)
     model = torchmics.shard(build(), topo)
-    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return model, optimizer(model)
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> list[float]:
@@ -75,20 +84,21 @@ def _draw_rngs() -> tuple:
 def _error(fn: Callable[[], object]) -> str | None:
     try:
         fn()
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
         return f"{type(err).__name__}: {err}"
     return None
 
 
 def _uninterrupted(run_dir: str) -> dict:
     """4 ranks, partition 2: train all steps, saving at RESUME_AT and STEPS; misuse and a crash between."""
-    model, opt = _toy(torchmics.init_mesh(partition_size=2, gpus_per_node=4))
+    model, opt = _sharded(torchmics.init_mesh(partition_size=2, gpus_per_node=4))
     losses = _train(model, opt, range(RESUME_AT))
     _seed_rngs(100 + dist.get_rank())  # distinct streams per rank: resuming must restore each rank's own
     save_checkpoint(checkpoint_path(run_dir, RESUME_AT), model, opt, step=RESUME_AT, extra=EXTRA)
     out = {"draws_after_save": _draw_rngs()}
     out["overwrite"] = _error(lambda: save_checkpoint(checkpoint_path(run_dir, RESUME_AT), model, opt, step=0))
-    out["bad_extra"] = _error(lambda: save_checkpoint(checkpoint_path(run_dir, 9), model, opt, step=9, extra={"t": torch.ones(1)}))
+    bad_extra = {"loss": torch.ones(())}
+    out["bad_extra"] = _error(lambda: save_checkpoint(checkpoint_path(run_dir, 9), model, opt, step=9, extra=bad_extra))
     # A crash after every rank wrote its shards, before DCP's index and torchmics.json exist.
     with mock.patch.object(FileSystemWriter, "finish", side_effect=OSError("simulated crash")):
         out["crash"] = _error(lambda: save_checkpoint(checkpoint_path(run_dir, 3), model, opt, step=3))
@@ -101,13 +111,13 @@ def _uninterrupted(run_dir: str) -> dict:
 def _resume(run_dir: str, partition: int, gpus_per_node: int) -> dict:
     """Load the RESUME_AT checkpoint into a fresh job of any shape and train to the end."""
     topo = torchmics.init_mesh(partition_size=partition, gpus_per_node=gpus_per_node)
-    model, opt = _toy(topo)
+    model, opt = _sharded(topo)
     _seed_rngs(7 + dist.get_rank())
     meta = load_checkpoint(checkpoint_path(run_dir, RESUME_AT), model, opt)
     draws = _draw_rngs()
     losses = _train(model, opt, range(meta["step"], STEPS))
-    return {"meta": meta, "draws": draws, "losses": losses, "state": torchmics.full_state_dict(model),
-            "hierarchical": topo.hierarchical}
+    state = torchmics.full_state_dict(model)
+    return {"meta": meta, "draws": draws, "losses": losses, "state": state, "hierarchical": topo.hierarchical}
 
 
 def _wider_shared() -> nn.Module:
@@ -125,16 +135,22 @@ def _extra_block() -> nn.Module:
 def _misuse_then_resume(run_dir: str, incomplete: list[str]) -> dict:
     """Bad loads must raise on every rank and leave the model as it was; then an exact resume."""
     topo = torchmics.init_mesh(partition_size=2, gpus_per_node=4)
-    errors = {"missing": _error(lambda: load_checkpoint(checkpoint_path(run_dir, 99), _toy(topo)[0]))}
-    errors |= {path: _error(lambda p=path: load_checkpoint(p, _toy(topo)[0])) for path in incomplete}
-    untouched = {}
-    for name, build in {"shape": _wider_shared, "names": _extra_block}.items():
-        model, opt = _toy(topo, build)
+    errors = {"missing": _error(lambda: load_checkpoint(checkpoint_path(run_dir, 99), _sharded(topo)[0]))}
+    errors |= {path: _error(lambda p=path: load_checkpoint(p, _sharded(topo)[0])) for path in incomplete}
+    untouched, fresh_optimizer = {}, {}
+    cases = {"shape": (_wider_shared, _adamw), "names": (_extra_block, _adamw), "optimizer": (ToyModel, _sgd)}
+    for name, (build, optimizer) in cases.items():
+        model, opt = _sharded(topo, build, optimizer)
         before = torchmics.full_state_dict(model)
-        errors[name] = _error(lambda: load_checkpoint(checkpoint_path(run_dir, RESUME_AT), model, opt))
+        errors[name] = _error(lambda m=model, o=opt: load_checkpoint(checkpoint_path(run_dir, RESUME_AT), m, o))
         after = torchmics.full_state_dict(model)
-        untouched[name] = all(torch.equal(before[k], after[k]) for k in before) and not opt.state
-    return {"errors": errors, "untouched": untouched, **_resume(run_dir, 2, 4)}
+        untouched[name] = all(torch.equal(before[k], after[k]) for k in before)
+        fresh_optimizer[name] = not opt.state
+    model, _ = _sharded(topo)
+    load_checkpoint(checkpoint_path(run_dir, RESUME_AT), model)  # weights only, no optimizer
+    weights = torchmics.full_state_dict(model)
+    checks = {"errors": errors, "untouched": untouched, "fresh_optimizer": fresh_optimizer, "weights_only": weights}
+    return checks | _resume(run_dir, 2, 4)
 
 
 def _save_hf(config_dir: str, run_dir: str) -> dict:
@@ -142,9 +158,15 @@ def _save_hf(config_dir: str, run_dir: str) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     topo = torchmics.init_mesh(partition_size=2, gpus_per_node=2)
-    model, opt = _toy(topo, lambda: AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir)))
+    model, opt = _sharded(topo, lambda: AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir)))
     save_checkpoint(checkpoint_path(run_dir, 0), model, opt, step=0, extra={"model": f"hf:{config_dir}"})
     return torchmics.full_state_dict(model)
+
+
+def _assert_equal(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
 
 
 # ---- tests ---------------------------------------------------------------------------------------
@@ -164,8 +186,8 @@ def test_save_layout_and_metadata(uninterrupted):
     assert files == expected_shards | {".metadata", "torchmics.json"}  # every rank wrote its own shards
     with open(os.path.join(ckpt, "torchmics.json")) as f:
         meta = json.load(f)
-    assert (meta["step"], meta["extra"], meta["world_size"], meta["partition_size"], meta["gpus_per_node"]) == (
-        RESUME_AT, EXTRA, 4, 2, 4)
+    assert (meta["step"], meta["extra"]) == (RESUME_AT, EXTRA)
+    assert (meta["world_size"], meta["partition_size"], meta["gpus_per_node"]) == (4, 2, 4)
     assert meta["torch_version"] == torch.__version__
     assert meta["shapes"] == {k: list(v.shape) for k, v in ToyModel().state_dict().items()}
     assert latest_checkpoint(run_dir) == checkpoint_path(run_dir, STEPS)
@@ -178,16 +200,16 @@ def test_refuses_overwrite_and_unserializable_extra_on_every_rank(uninterrupted)
         assert result["bad_extra"].startswith("TypeError") and "JSON" in result["bad_extra"]
 
 
-def test_crash_mid_save_keeps_previous_checkpoint(uninterrupted):
+def test_crash_mid_save_keeps_previous_checkpoint(uninterrupted, tmp_path):
     run_dir, results = uninterrupted
     for result in results:
-        assert "simulated crash" in result["crash"]
+        assert result["crash"].startswith("RuntimeError") and "simulated crash" in result["crash"]
         assert result["latest_after_crash"] == checkpoint_path(run_dir, RESUME_AT)
     leftovers = [name for name in os.listdir(run_dir) if name.startswith("step_3")]
     assert len(leftovers) == 1 and ".tmp-" in leftovers[0]  # never renamed to step_3
     assert not any(name.startswith("step_9") for name in os.listdir(run_dir))  # bad extra: nothing written
     with pytest.raises(ValueError, match="incomplete"):
-        export_checkpoint(os.path.join(run_dir, leftovers[0]), os.path.join(run_dir, "x.safetensors"))
+        export_checkpoint(os.path.join(run_dir, leftovers[0]), str(tmp_path / "model.safetensors"))
 
 
 def test_latest_checkpoint_pointer_and_fallback(tmp_path):
@@ -203,9 +225,9 @@ def test_latest_checkpoint_pointer_and_fallback(tmp_path):
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_10")  # pointer at an incomplete one
 
 
-def test_exact_resume_and_load_errors(uninterrupted):
+def test_exact_resume_and_load_errors(uninterrupted, tmp_path):
     run_dir, reference = uninterrupted
-    no_metadata = os.path.join(run_dir, "step_5")
+    no_metadata = str(tmp_path / "step_5")
     shutil.copytree(checkpoint_path(run_dir, RESUME_AT), no_metadata, ignore=shutil.ignore_patterns("torchmics.json"))
     temp = next(os.path.join(run_dir, n) for n in os.listdir(run_dir) if n.startswith("step_3.tmp-"))
     results = run_ranks(_misuse_then_resume, 4, run_dir, [no_metadata, temp])
@@ -215,13 +237,15 @@ def test_exact_resume_and_load_errors(uninterrupted):
         assert "incomplete" in errors[no_metadata] and "incomplete" in errors[temp]
         assert "shared.weight: checkpoint [13, 13] vs model [14, 13]" in errors["shape"]
         assert "blocks.3.norm.weight: model [13], not in the checkpoint" in errors["names"]
-        assert result["untouched"] == {"shape": True, "names": True}
+        assert errors["optimizer"].startswith("RuntimeError") and "momentum_buffer" in errors["optimizer"]
+        assert all(result["untouched"].values())  # checked before reading: the model is never half-loaded
+        assert result["fresh_optimizer"]["shape"] and result["fresh_optimizer"]["names"]
         assert result["meta"] == {"step": RESUME_AT, "extra": EXTRA}
         assert result["draws"] == ref["draws_after_save"], f"rank {rank}: RNG state not restored"
         assert result["losses"] == ref["losses"][RESUME_AT:]  # bitwise
-    state, expected = results[0]["state"], reference[0]["state"]
-    assert state.keys() == expected.keys()
-    assert all(torch.equal(state[k], expected[k]) for k in expected)
+    _assert_equal(results[0]["state"], reference[0]["state"])
+    export_checkpoint(checkpoint_path(run_dir, RESUME_AT), str(tmp_path / "model.safetensors"))
+    _assert_equal(results[0]["weights_only"], load_file(tmp_path / "model.safetensors"))
 
 
 @pytest.mark.parametrize(
@@ -234,11 +258,12 @@ def test_load_reshards_to_another_world_or_partition(uninterrupted, world, nodes
     results = run_ranks(_resume, world, run_dir, partition, world // nodes, nodes=nodes)
     assert results[0]["hierarchical"] == (nodes == 4)
     assert results[0]["losses"] == pytest.approx(reference[0]["losses"][RESUME_AT:], rel=1e-5)
+    state = results[0]["state"]
     for name, expected in reference[0]["state"].items():
-        torch.testing.assert_close(results[0]["state"][name], expected, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
-    for rank, result in enumerate(results):  # another world size: RNG streams are left alone
+        torch.testing.assert_close(state[name], expected, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    for rank, result in enumerate(results):  # RNG streams are per rank: restored only on the same world size
         _seed_rngs(7 + rank)
-        assert result["draws"] == _draw_rngs()
+        assert result["draws"] == (reference[rank]["draws_after_save"] if world == 4 else _draw_rngs())
 
 
 def test_export_equals_full_state_dict(uninterrupted, tmp_path):
@@ -253,9 +278,8 @@ def test_export_equals_full_state_dict(uninterrupted, tmp_path):
     export_checkpoint(latest_checkpoint(run_dir), str(tmp_path / "model.safetensors"))
     export_checkpoint(latest_checkpoint(run_dir), str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path / "out")) == ["model.safetensors"]  # not an hf: model: no config
-    for exported in (load_file(tmp_path / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")):
-        assert exported.keys() == full.keys()
-        assert all(torch.equal(exported[k], full[k]) for k in full)
+    _assert_equal(load_file(tmp_path / "model.safetensors"), full)
+    _assert_equal(load_file(tmp_path / "out" / "model.safetensors"), full)
 
 
 def test_export_hf_model_loads_with_from_pretrained(tmp_path):
@@ -264,6 +288,4 @@ def test_export_hf_model_loads_with_from_pretrained(tmp_path):
     config.save_pretrained(tmp_path / "config")
     full = run_ranks(_save_hf, 2, str(tmp_path / "config"), str(tmp_path / "run"))[0]
     export_checkpoint(latest_checkpoint(str(tmp_path / "run")), str(tmp_path / "hf"))
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
-    assert loaded.keys() == full.keys()
-    assert all(torch.equal(loaded[k], full[k]) for k in full)
+    _assert_equal(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict(), full)

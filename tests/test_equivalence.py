@@ -87,8 +87,8 @@ def assert_matches_reference(result, builder: str, batches: torch.Tensor) -> Non
 
 @pytest.mark.parametrize(
     "world,nodes,partition",
-    [(4, 1, 1), (4, 1, 2), (4, 1, 4), (4, 2, 4), (4, 4, 4), (8, 2, 4)],
-    ids=["w4-p1", "w4-p2", "w4-p4", "2x2-p4-hier", "4x1-p4", "2x4-p4-hier-2rep"],
+    [(4, 1, 1), (4, 1, 2), (4, 1, 4), (4, 2, 4), (4, 4, 4), (8, 4, 4)],
+    ids=["w4-p1", "w4-p2", "w4-p4", "2x2-p4-hier", "4x1-p4", "4x2-p4-hier-2rep"],
 )
 def test_toy_model_matches_single_process(world, nodes, partition):
     batches = make_batches(STEPS, ACCUM, global_batch=world * 2)

@@ -1,16 +1,28 @@
 """torchmics: MiCS (Minimize Communication Scale) sharded data parallelism for PyTorch, on FSDP2."""
 
-from torchmics.checkpoint import full_state_dict
+from torchmics.checkpoint import (
+    checkpoint_path,
+    export_checkpoint,
+    full_state_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from torchmics.sharding import MixedPrecision, clip_grad_norm_, no_replica_sync, shard
 from torchmics.topology import Topology, init_mesh, plan_topology
 
 __all__ = [
     "MixedPrecision",
     "Topology",
+    "checkpoint_path",
     "clip_grad_norm_",
+    "export_checkpoint",
     "full_state_dict",
+    "latest_checkpoint",
+    "load_checkpoint",
     "init_mesh",
     "no_replica_sync",
     "plan_topology",
+    "save_checkpoint",
     "shard",
 ]

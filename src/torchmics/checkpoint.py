@@ -24,6 +24,7 @@ a shared one, e.g. NFS or Lustre).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -31,7 +32,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -40,6 +41,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -58,7 +60,7 @@ _TEMP_MARK = ".tmp-"
 _STEP_DIR = re.compile(r"step_(\d+)")
 _MODEL_KEY = "model"  # top-level key of the model state in the DCP checkpoint; tensors are "model.<fqn>"
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -92,7 +94,9 @@ def save_checkpoint(
     extra = _check_json(extra or {})
     temp = _on_rank0(lambda: _begin_save(path, extra))
     state = _train_state(model, optimizer)
-    dcp.save(state, checkpoint_id=temp)
+    unchanged = f"The previous checkpoint and `latest` are unchanged; {temp} can be deleted."
+    with _ordinary_error(f"saving checkpoint {path}", unchanged):
+        dcp.save(state, checkpoint_id=temp)
     _save_rng(temp)
     metadata = _metadata(step, extra, topology, state[_MODEL_KEY])
     dist.barrier()  # every rank's shards and RNG file are on disk before the checkpoint is published
@@ -100,19 +104,24 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Restore ``model`` (and ``optimizer``) from ``path``; returns ``{"step": ..., "extra": ...}``.
+    """Restore ``model`` (and ``optimizer``) from ``path``; every rank calls it. Returns ``{"step", "extra"}``.
 
     Works for any world size and partition size: each rank reads the chunks overlapping its shards.
-    The checkpoint is checked against the model first, so an incompatible one raises before anything
-    is modified. RNG states are restored only when the world size is the one the checkpoint was saved
-    with: they are per-rank streams, and rank ``r`` of another world size draws for different data,
-    so carrying them over would only pretend to be reproducible.
+    Names and global shapes are checked against the model first, so an incompatible checkpoint raises
+    before anything is modified. A failure while reading (damaged files, another optimizer type) can
+    leave model and optimizer partly loaded: build them afresh before trying another checkpoint.
+
+    RNG states are restored only on the world size they were saved with: they are per-rank streams,
+    and rank ``r`` of another world size draws for different data, so carrying them over would only
+    pretend to be reproducible.
     """
     topology_of(model)
     metadata = _read_metadata(path)
     _check_compatible(path, metadata["shapes"], _shapes(get_model_state_dict(model)))
     state = _train_state(model, optimizer)
-    dcp.load(state, checkpoint_id=path)
+    other_optimizer = "A missing `optim.` key means the checkpoint holds another optimizer type's state."
+    with _ordinary_error(f"loading checkpoint {path}", other_optimizer):
+        dcp.load(state, checkpoint_id=path)
     optimizers = [optimizer] if optimizer is not None else []
     set_state_dict(model, optimizers, model_state_dict=state[_MODEL_KEY], optim_state_dict=state["optim"])
     if metadata["world_size"] == dist.get_world_size():
@@ -172,7 +181,7 @@ def export_checkpoint(path: str, to: str) -> None:
 # ---- saving --------------------------------------------------------------------------------------
 
 
-def _on_rank0(fn: Callable[[], T]) -> T:
+def _on_rank0(fn: Callable[[], _T]) -> _T:
     """Run a file-system step once, on rank 0, and hand every rank its result or raise its error everywhere.
 
     Checks and renames must happen once; broadcasting the outcome means a failure on rank 0 raises on
@@ -202,13 +211,17 @@ def _check_json(extra: dict) -> dict:
     return extra
 
 
-def _begin_save(path: str, extra: dict) -> str:
-    """Refuse an existing ``path`` or a missing HF config before writing anything; make the temp dir."""
+def _refuse_existing(path: str) -> None:
     if os.path.exists(path):
         raise FileExistsError(
             f"checkpoint {path} already exists and is never overwritten; save under a new name "
             f"(e.g. checkpoint_path(run_dir, step)) or delete it first."
         )
+
+
+def _begin_save(path: str, extra: dict) -> str:
+    """Refuse an existing ``path`` or a missing HF config before writing anything; make the temp dir."""
+    _refuse_existing(path)
     _hf_config_source(extra)
     temp = f"{os.path.normpath(path)}{_TEMP_MARK}{uuid.uuid4().hex[:8]}"
     os.makedirs(temp)
@@ -237,6 +250,27 @@ def _train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> d
     return {_MODEL_KEY: model_state, "optim": optim_state}
 
 
+@contextlib.contextmanager
+def _ordinary_error(action: str, advice: str) -> Iterator[None]:
+    """Re-raise DCP's failures as a ``RuntimeError`` naming the action, each distinct cause and its ranks.
+
+    DCP raises ``CheckpointException``, a ``BaseException`` that ``except Exception`` in a training
+    loop would not catch; a failed save or an unsuitable checkpoint is an ordinary error.
+    """
+    try:
+        yield
+    except CheckpointException as err:
+        ranks_by_cause: dict[str, list[int]] = {}
+        for rank, (exc, _) in sorted(err.failures.items()):
+            ranks_by_cause.setdefault(repr(exc), []).append(rank)
+        causes = "; ".join(f"{_ranks(ranks)}: {cause}" for cause, ranks in ranks_by_cause.items())
+        raise RuntimeError(f"{action} failed ({causes}). {advice}") from err
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"{len(ranks)} ranks (first {ranks[0]})"
+
+
 def _shapes(model_state: dict[str, Any]) -> dict[str, list[int]]:
     """Global shape of every tensor (a DTensor's ``shape`` is global, whatever the shard)."""
     return {name: list(t.shape) for name, t in model_state.items() if isinstance(t, torch.Tensor)}
@@ -256,10 +290,11 @@ def _metadata(step: int, extra: dict, topology: Topology, model_state: dict[str,
 
 def _publish(temp: str, path: str, metadata: dict[str, Any]) -> None:
     """Complete the temp dir, rename it to ``path``, then repoint ``latest``: each step leaves a valid run."""
+    _refuse_existing(path)  # another job may have taken the name since _begin_save
     source = _hf_config_source(metadata["extra"])
     if source is not None:
         shutil.copyfile(source, os.path.join(temp, HF_CONFIG_FILE))
-    _write_atomic(os.path.join(temp, METADATA_FILE), json.dumps(metadata, indent=1))
+    _write_atomic(os.path.join(temp, METADATA_FILE), json.dumps(metadata))
     os.rename(temp, path)
     run_dir, name = os.path.split(os.path.normpath(path))
     _write_atomic(os.path.join(run_dir, LATEST_FILE), name)
@@ -310,9 +345,9 @@ def _load_rng(checkpoint: str) -> None:
 
 
 def _is_complete(path: str) -> bool:
-    return _TEMP_MARK not in os.path.basename(os.path.normpath(path)) and os.path.isfile(
-        os.path.join(path, METADATA_FILE)
-    )
+    """A finished save: not a temp dir, and it has the metadata file that is written last."""
+    name = os.path.basename(os.path.normpath(path))
+    return _TEMP_MARK not in name and os.path.isfile(os.path.join(path, METADATA_FILE))
 
 
 def _read_metadata(path: str) -> dict[str, Any]:

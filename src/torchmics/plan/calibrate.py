@@ -10,7 +10,7 @@ The shipped profiles quote vendor and third-party numbers; a prediction is only 
   the cost model a flat ring's bus bandwidth across nodes is exactly the node's network bandwidth
   (lines with the profile's GPUs per node are preferred: how a node's NICs are shared depends on it).
   Hierarchical lines mix both links and are not used.
-* training result lines (``tokens_per_s_per_gpu``, ``mfu``, ``emulated``, ``nodes``, ...). The
+* training result lines (``tokens_per_s_per_gpu``, ``mfu`` as a fraction, ``emulated``, ``nodes``). The
   highest MFU among single-node, non-emulated runs (all collectives on NVLink, nearly all hidden)
   becomes ``compute_mfu``; it slightly underestimates pure compute, which errs on the safe side.
 
@@ -36,7 +36,8 @@ def calibrate(profile: ClusterProfile, results_jsonl_path: str | Path) -> Cluste
     intra = _largest_busbw([r for r in collectives if r["nodes"] == 1])
     flat = [r for r in collectives if r["nodes"] > 1 and r.get("algo", "flat") == "flat"]
     inter = _largest_busbw([r for r in flat if r["gpus_per_node"] == profile.gpus_per_node] or flat)
-    mfu = _best_mfu([r for r in lines if "mfu" in r and not r.get("emulated") and r.get("nodes", 1) == 1])
+    nvlink_runs = [r for r in lines if r.get("mfu") is not None and not r.get("emulated") and r.get("nodes") == 1]
+    mfu = max((r["mfu"] for r in nvlink_runs), default=None)
 
     fitted = []
     if intra is not None:
@@ -65,13 +66,6 @@ def _largest_busbw(rows: list[dict[str, Any]]) -> float | None:
         return None
     largest = max(r["bytes"] for r in rows)
     return max(r["busbw_gbps"] for r in rows if r["bytes"] == largest) * GB
-
-
-def _best_mfu(rows: list[dict[str, Any]]) -> float | None:
-    if not rows:
-        return None
-    best = max(r["mfu"] for r in rows)
-    return best / 100 if best > 1 else best  # accept a percentage as well as a fraction
 
 
 def _with_beta(link: LinkClass, beta: float | None) -> LinkClass:

@@ -55,41 +55,74 @@ PROFILES: dict[str, ClusterProfile] = {
     p.name: p
     for p in (
         ClusterProfile(
-            "p4d", "A100-SXM4-40GB", 8, 312, 40, _NVLINK_A100, LinkClass(alpha=20e-6, beta=30 * GB), 0.55,
-            "AWS p4d.24xlarge, the MiCS paper's cluster. Network: 400 Gbps EFA (50 GB/s line rate); "
+            name="p4d",
+            gpu="A100-SXM4-40GB",
+            gpus_per_node=8,
+            peak_tflops=312,
+            hbm_gib=40,
+            intra=_NVLINK_A100,
+            inter=LinkClass(alpha=20e-6, beta=30 * GB),
+            compute_mfu=0.55,
+            source="AWS p4d.24xlarge, the MiCS paper's cluster. Network: 400 Gbps EFA (50 GB/s line rate); "
             "busbw 30 GB/s is measured (NVIDIA/nccl#527: 1 GiB all-reduce on 4 p4dn nodes, 29.6 GB/s). "
             "Assumptions: 20 us per inter-node ring step (EFA + NCCL proxy), MFU 0.55 (the paper's "
             "54.5% of peak).",
         ),
         ClusterProfile(
-            "a100-80gb-3200", "A100-SXM4-80GB", 8, 312, 80, _NVLINK_A100, LinkClass(alpha=10e-6, beta=320 * GB),
-            0.55,
-            "8x A100-80GB nodes with 3200 Gbps (400 GB/s line rate). Assumptions: 80% of line rate "
+            name="a100-80gb-3200",
+            gpu="A100-SXM4-80GB",
+            gpus_per_node=8,
+            peak_tflops=312,
+            hbm_gib=80,
+            intra=_NVLINK_A100,
+            inter=LinkClass(alpha=10e-6, beta=320 * GB),
+            compute_mfu=0.55,
+            source="8x A100-80GB nodes with 3200 Gbps (400 GB/s line rate). Assumptions: 80% of line rate "
             "achievable (InfiniBand-class), 10 us per inter-node ring step, MFU 0.55.",
         ),
         ClusterProfile(
-            "h100-3200", "H100-SXM5-80GB", 8, 989, 80, LinkClass(alpha=3e-6, beta=360 * GB),
-            LinkClass(alpha=10e-6, beta=320 * GB), 0.50,
-            "8x H100 nodes with 3200 Gbps (p5 / DGX H100). Assumptions: NVLink4 busbw 360 GB/s, 80% of "
-            "the 400 GB/s line rate, 10 us per inter-node ring step; MFU 0.50 as we measured on H100 "
+            name="h100-3200",
+            gpu="H100-SXM5-80GB",
+            gpus_per_node=8,
+            peak_tflops=989,
+            hbm_gib=80,
+            intra=LinkClass(alpha=3e-6, beta=360 * GB),
+            inter=LinkClass(alpha=10e-6, beta=320 * GB),
+            compute_mfu=0.50,
+            source="8x H100 nodes with 3200 Gbps (p5 / DGX H100). Assumptions: NVLink4 busbw 360 GB/s, 80% "
+            "of the 400 GB/s line rate, 10 us per inter-node ring step; MFU 0.50 as we measured on H100 "
             "(DESIGN.md s7).",
         ),
         ClusterProfile(
-            "emulated-h200", "H200", 2, 989, 140, _NVLINK_MEASURED, LinkClass(alpha=50e-6, beta=5.4 * GB), 0.51,
-            "Our 4x H200 host as 2 emulated nodes x 2 GPUs (NCCL Socket over loopback between nodes). "
+            name="emulated-h200",
+            gpu="H200",
+            gpus_per_node=2,
+            peak_tflops=989,
+            hbm_gib=140,
+            intra=_NVLINK_MEASURED,
+            inter=LinkClass(alpha=50e-6, beta=5.4 * GB),
+            compute_mfu=0.51,
+            source="Our 4x H200 host as 2 emulated nodes x 2 GPUs (NCCL Socket over loopback between nodes). "
             "Measured (DESIGN.md s7): intra-node busbw 237 GB/s, cross-node pair 2.7 GB/s, MFU 0.51 on "
             "NVLink. Loopback sockets share no NIC (each GPU's connections are CPU-bound), so a node "
             "moves 2 x 2.7 GB/s. Assumption: 50 us per socket ring step. With these numbers the model "
-            "predicts HSDP 2x2 two-hop at 20.1k tok/s/GPU (measured 21.5k) and ZeRO-3 at 5.4k "
+            "predicts HSDP 2x2 two-hop at 20.0k tok/s/GPU (measured 21.5k) and ZeRO-3 at 5.4k "
             "(measured 7.8k).",
         ),
         ClusterProfile(
-            "emulated-h100", "H100-SXM5-80GB", 1, 989, 80, _NVLINK_MEASURED, LinkClass(alpha=50e-6, beta=2.2 * GB),
-            0.50,
-            "Our 2x H100 machine as 2 emulated nodes x 1 GPU. Measured (DESIGN.md s7): cross-node busbw "
-            "2.2 GB/s, MFU 0.50 on NVLink. Assumptions: 50 us per socket ring step; NVLink taken from "
-            "the H200 host (unused with one GPU per node). Predicted vs measured tok/s/GPU: HSDP shard 1 "
-            "two-hop 10.2k / 11.9k (fp32 reduce), 17.5k / 20.1k (bf16); ZeRO-3 3.3k / 6.1k; DDP 3.0k / 3.6k.",
+            name="emulated-h100",
+            gpu="H100-SXM5-80GB",
+            gpus_per_node=1,
+            peak_tflops=989,
+            hbm_gib=80,
+            intra=_NVLINK_MEASURED,
+            inter=LinkClass(alpha=50e-6, beta=2.2 * GB),
+            compute_mfu=0.50,
+            source="Our 2x H100 machine as 2 emulated nodes x 1 GPU. Measured (DESIGN.md s7): cross-node "
+            "busbw 2.2 GB/s, MFU 0.50 on NVLink. Assumptions: 50 us per socket ring step; NVLink taken "
+            "from the H200 host (unused with one GPU per node). Predicted vs measured tok/s/GPU: HSDP "
+            "shard 1 two-hop 10.2k / 11.9k (fp32 reduce), 17.5k / 20.1k (bf16); ZeRO-3 3.3k / 6.1k; "
+            "DDP 3.0k / 3.6k.",
         ),
     )
 }

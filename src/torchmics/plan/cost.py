@@ -102,9 +102,9 @@ def step_time(
     ar = replica_all_reduce_time(model.num_params * strategy.reduce_bytes / p, world, p, cluster)
 
     def micro_step(all_reduce: float) -> float:
-        bwd_comm = ag + rs + all_reduce
-        exposed = (ag + rs + all_reduce) / model.n_layer  # first unit's gather, last unit's reduction
-        return max(forward, ag) + max(backward, bwd_comm) + exposed
+        backward_comm = ag + rs + all_reduce
+        exposed = backward_comm / model.n_layer  # one unit's worth: the first gather, the last reduction
+        return max(forward, ag) + max(backward, backward_comm) + exposed
 
     ar_micro_steps = 1 if strategy.two_hop else accum
     total = (accum - ar_micro_steps) * micro_step(0.0) + ar_micro_steps * micro_step(ar)

@@ -17,8 +17,8 @@ activations, logits) does not depend on P. The estimate follows FSDP2 with mixed
 * a fixed ``overhead_bytes`` stands for the CUDA context, NCCL buffers and allocator fragmentation
   (assumption: 1 GiB).
 
-Checked against DESIGN.md section 7 (GPT 1.41B, 4 GPUs, micro-batch 4, seq 2048): FSDP2 full shard
-estimates 21.2 GiB (measured 21.1), DDP 41.6 GiB (measured 41.8).
+Checked against DESIGN.md section 7 (GPT 1.4B preset, 4 GPUs, micro-batch 4, seq 2048): FSDP2 full
+shard estimates 21.3 GiB (measured 21.1), DDP 41.7 GiB (measured 41.8).
 """
 
 from __future__ import annotations
@@ -69,14 +69,13 @@ def estimate_memory(
     p = strategy.partition(world_size, gpus_per_node)
     n = model.num_params
     optimizer_shards = world_size if strategy.replica_sharded_optimizer else p
+    activations = activation_bytes(model, micro_batch, activation_checkpointing, flash_attention)
     return MemoryEstimate(
         params=MASTER_BYTES * n / p,
         grads=MASTER_BYTES * n / p * (2 if strategy.kind == "ddp" else 1),  # DDP: + its bucket copies
         optimizer=ADAM_BYTES * n / optimizer_shards,
         gathered=_gathered_bytes(model, strategy),
-        activations=activation_bytes(model, micro_batch, activation_checkpointing, flash_attention)
-        * strategy.param_bytes
-        / 2,
+        activations=activations * strategy.param_bytes / 2,  # the formula counts 16-bit activations
         logits=micro_batch * model.seq_len * model.vocab_size * 4,
         overhead=overhead_bytes,
     )

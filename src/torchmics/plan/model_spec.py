@@ -90,7 +90,8 @@ class ModelSpec:
         """A paper model from :data:`PAPER_MODELS`, or a preset of ``torchmics.models.gpt``."""
         if name in PAPER_MODELS:
             return PAPER_MODELS[name]
-        from torchmics.models import gpt  # lazy: the planner must not pay for importing the model code
+        # imported lazily: planning must not pay for importing torch.nn model code
+        from torchmics.models import gpt
 
         if name not in gpt.PRESETS:
             known = sorted([*PAPER_MODELS, *gpt.PRESETS])
@@ -124,7 +125,7 @@ def _first(config: dict[str, Any], *keys: str) -> int:
 
 
 PAPER_MODELS: dict[str, ModelSpec] = {
-    # The MiCS paper's 100B-class model (its Section 7 case study: 512 A100-40GB on p4d). Assumption:
+    # The MiCS paper's 100B-class model (its case study: 512 A100-40GB GPUs on p4d). Assumption:
     # d_model 8192 and 124 layers (12 * 124 * 8192^2 = 99.9B, twice the depth of the paper's BERT-50B),
     # 64 heads, sequence 512 (the paper's BERT pre-training length) and a 32k vocabulary; the paper
     # does not publish the exact shape of this proprietary model.

@@ -18,6 +18,7 @@ from torchmics.plan.strategy import Strategy
 from torchmics.topology import valid_partition_sizes
 
 DEFAULT_MEMORY_FRACTION = 0.9  # headroom for allocator fragmentation and peaks the model misses
+DEFAULT_OPTIONS = Strategy("mics")  # bf16 gathered units, fp32 gradient reduction, two-hop
 TIE = 0.01  # candidates within 1% of the fastest are ties: the model is not more accurate than that
 
 
@@ -66,7 +67,7 @@ def plan(
     micro_batch: int,
     accum: int = 1,
     activation_checkpointing: bool = False,
-    options: Strategy = Strategy("mics"),
+    options: Strategy = DEFAULT_OPTIONS,
     memory_fraction: float = DEFAULT_MEMORY_FRACTION,
 ) -> list[Candidate]:
     """Every valid MiCS partition size on ``nodes`` nodes, smallest first.

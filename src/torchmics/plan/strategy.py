@@ -22,8 +22,8 @@ class Strategy:
     """One data-parallel strategy and its precision.
 
     ``hierarchical``: a partition group that spans nodes all-gathers inter-node first, then intra-node
-    (MiCS Section 3.2); ZeRO-3 always uses NCCL's flat ring. ``two_hop``: under gradient accumulation
-    the replication all-reduce runs once per step instead of every micro-step (MiCS Section 3.3; also
+    (MiCS's hierarchical communication); ZeRO-3 always uses NCCL's flat ring. ``two_hop``: under gradient accumulation
+    the replication all-reduce runs once per step instead of every micro-step (MiCS's two-hop sync; also
     how DDP's ``no_sync`` is usually used). ``param_bytes`` is the dtype of gathered units and compute,
     ``reduce_bytes`` that of gradient collectives. ``replica_sharded_optimizer`` additionally shards the
     optimizer states across replicas (W / P ways), which MiCS itself does not do.

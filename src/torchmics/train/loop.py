@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 
 import torch
@@ -144,4 +143,6 @@ def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
 
 
 def _save(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-    checkpoint.save_checkpoint(os.path.join(cfg.out, f"step_{step}"), model, optimizer, step=step, extra={"model": cfg.model})
+    """The data position is the step (see train/data.py), so step and model spec are all we add."""
+    path = checkpoint.checkpoint_path(cfg.out, step)
+    checkpoint.save_checkpoint(path, model, optimizer, step=step, extra={"model": cfg.model})
