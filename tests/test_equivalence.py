@@ -35,11 +35,13 @@ def build_gpt2():
 BUILDERS = {"toy": ToyModel, "llama": build_llama, "gpt2": build_gpt2}
 
 
-def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batches: torch.Tensor):
+def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batches: torch.Tensor,
+                     replica_reduce_dtype: torch.dtype | None = None):
     """Runs on every rank: shard, train with two-hop accumulation, return losses, weights, traffic."""
     topo = torchmics.init_mesh(partition_size=partition_size, gpus_per_node=gpus_per_node)
     torch.manual_seed(0)
-    model = torchmics.shard(BUILDERS[builder](), topo)
+    precision = torchmics.MixedPrecision(replica_reduce_dtype=replica_reduce_dtype)
+    model = torchmics.shard(BUILDERS[builder](), topo, mixed_precision=precision)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     rank, world = dist.get_rank(), dist.get_world_size()
     losses, replica_all_reduces = [], []
@@ -77,12 +79,13 @@ def _replica_all_reduces(traffic, topo) -> int:
     return sum(n for (name, ranks), n in traffic.items() if name == "all_reduce" and len(ranks) == topo.num_replicas)
 
 
-def assert_matches_reference(result, builder: str, batches: torch.Tensor) -> None:
+def assert_matches_reference(result, builder: str, batches: torch.Tensor, tolerance: float = 1e-5) -> None:
     ref_losses, ref_state = reference_training(BUILDERS[builder], batches)
-    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    assert result["losses"] == pytest.approx(ref_losses, rel=tolerance)
     assert set(result["state"]) == set(ref_state)
     for name, expected in ref_state.items():
-        torch.testing.assert_close(result["state"][name], expected, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(result["state"][name], expected, rtol=tolerance, atol=tolerance,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize(
@@ -118,3 +121,17 @@ def test_transformers_models_match_single_process(builder):
     batches = make_batches(2, ACCUM, global_batch=8)
     results = run_ranks(sharded_training, 4, 2, 4, builder, batches, nodes=2)
     assert_matches_reference(results[0], builder, batches)
+
+
+@pytest.mark.parametrize(
+    "world,nodes,partition,dtype,tolerance",
+    [(4, 2, 2, torch.float32, 1e-5), (8, 4, 4, torch.float32, 1e-5), (8, 4, 4, torch.bfloat16, 2e-2)],
+    ids=["2x2-p2-fp32", "4x2-p4-hier-fp32", "4x2-p4-hier-bf16"],
+)
+def test_replica_hop_in_its_own_dtype(world, nodes, partition, dtype, tolerance):
+    """Precision per hop: torchmics runs the replica all-reduce (fp32 exact, bf16 to bf16 tolerance)."""
+    batches = make_batches(STEPS, ACCUM, global_batch=world * 2)
+    results = run_ranks(sharded_training, world, world // nodes, partition, "toy", batches, dtype, nodes=nodes)
+    assert_matches_reference(results[0], "toy", batches, tolerance)
+    for result in results:
+        assert result["replica_all_reduces"] == [result["units"]] * STEPS

@@ -19,11 +19,13 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from torchmics.collectives import HierarchicalAllGather, HierarchicalReduceScatter
+from torchmics.replica import ReplicaReduction
 from torchmics.topology import Topology
 from torchmics.wrapping import resolve_units
 
 _TOPOLOGY_ATTR = "_torchmics_topology"
 _NO_SYNC_ATTR = "_torchmics_in_no_replica_sync"
+_REPLICA_ATTR = "_torchmics_replica_reduction"
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,14 @@ class MixedPrecision:
 
     ``param_dtype`` is the dtype parameters are all-gathered and computed in (the sharded master copy
     stays in its original dtype for the optimizer). ``reduce_dtype`` is the dtype gradients are
-    reduced in; ``None`` means ``param_dtype``.
+    reduced in inside the partition group; ``None`` means ``param_dtype``. ``replica_reduce_dtype``,
+    when set, is the dtype of the replication-group all-reduce (precision per hop, e.g. fp32 on
+    NVLink and bf16 across nodes; see :mod:`torchmics.replica`); ``None`` uses ``reduce_dtype``.
     """
 
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
+    replica_reduce_dtype: torch.dtype | None = None
 
     def to_fsdp(self) -> MixedPrecisionPolicy:
         return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
@@ -75,21 +80,32 @@ def shard(
     """
     _check_shardable(model, topology)
     use_hierarchy = _resolve_hierarchical(hierarchical, topology)
-    # One replica: a 1-D mesh is plain FSDP and skips HSDP's no-op all-reduce bookkeeping.
-    mesh = topology.mesh if topology.num_replicas > 1 else topology.mesh["shard"]
-    policy = (mixed_precision or MixedPrecision()).to_fsdp()
-    units = resolve_units(model, wrap)
-    for unit in units:
+    mixed_precision = mixed_precision or MixedPrecision()
+    replica = _replica_reduction(topology, mixed_precision)
+    # FSDP2 runs the replica hop itself (HSDP, 2-D mesh) unless torchmics does (hook) or there is none.
+    mesh = topology.mesh if topology.num_replicas > 1 and replica is None else topology.mesh["shard"]
+    policy = mixed_precision.to_fsdp()
+    for unit in resolve_units(model, wrap):
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    units = [m for m in model.modules() if isinstance(m, FSDPModule) and _has_params(m)]
     if use_hierarchy:
         all_gather, reduce_scatter = HierarchicalAllGather(topology), HierarchicalReduceScatter(topology)
-        for module in model.modules():
-            if isinstance(module, FSDPModule) and _has_params(module):
-                module.set_custom_all_gather(all_gather)
-                module.set_custom_reduce_scatter(reduce_scatter)
+        for unit in units:
+            unit.set_custom_all_gather(all_gather)
+            unit.set_custom_reduce_scatter(reduce_scatter)
+    if replica is not None:
+        for index, unit in enumerate(units):
+            unit.set_all_reduce_hook(replica.hook_for(index))
     setattr(model, _TOPOLOGY_ATTR, topology)
+    setattr(model, _REPLICA_ATTR, replica)
     return model
+
+
+def _replica_reduction(topology: Topology, mixed_precision: MixedPrecision) -> ReplicaReduction | None:
+    if mixed_precision.replica_reduce_dtype is None or topology.num_replicas == 1:
+        return None
+    return ReplicaReduction(topology.mesh.get_group("replicate"), mixed_precision.replica_reduce_dtype)
 
 
 def _has_params(module: FSDPModule) -> bool:
@@ -134,12 +150,19 @@ def no_replica_sync(model: nn.Module) -> Iterator[None]:
     topology_of(model)
     if getattr(model, _NO_SYNC_ATTR, False):
         raise RuntimeError("no_replica_sync(model) is already active for this model; do not nest it.")
+    replica: ReplicaReduction | None = getattr(model, _REPLICA_ATTR)
     setattr(model, _NO_SYNC_ATTR, True)
-    model.set_requires_all_reduce(False)
+    if replica is None:
+        model.set_requires_all_reduce(False)
+    else:
+        replica.deferring = True
     try:
         yield
     finally:
-        model.set_requires_all_reduce(True)
+        if replica is None:
+            model.set_requires_all_reduce(True)
+        else:
+            replica.deferring = False
         setattr(model, _NO_SYNC_ATTR, False)
 
 
