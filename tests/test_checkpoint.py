@@ -289,3 +289,28 @@ def test_export_hf_model_loads_with_from_pretrained(tmp_path):
     full = run_ranks(_save_hf, 2, str(tmp_path / "config"), str(tmp_path / "run"))[0]
     export_checkpoint(latest_checkpoint(str(tmp_path / "run")), str(tmp_path / "hf"))
     _assert_equal(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict(), full)
+
+
+def _replica_sharded_round_trip(run_dir: str, out_dir: str) -> dict:
+    """Plain checkpoint -> ReplicaShardedOptimizer -> its own checkpoint -> plain optimizer again."""
+    topo = torchmics.init_mesh(partition_size=2, gpus_per_node=4)
+    torch.manual_seed(0)
+    model = torchmics.shard(ToyModel(), topo, shard_optimizer_across_replicas=True)
+    opt = torchmics.ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=1e-2)
+    load_checkpoint(checkpoint_path(run_dir, RESUME_AT), model, opt)
+    save_checkpoint(checkpoint_path(out_dir, RESUME_AT), model, opt, step=RESUME_AT)
+    sharded_losses = _train(model, opt, range(RESUME_AT, STEPS))
+    plain_model, plain_opt = _sharded(topo)
+    load_checkpoint(checkpoint_path(out_dir, RESUME_AT), plain_model, plain_opt)
+    plain_losses = _train(plain_model, plain_opt, range(RESUME_AT, STEPS))
+    return {"sharded": sharded_losses, "plain": plain_losses, "state": torchmics.full_state_dict(plain_model)}
+
+
+def test_replica_sharded_optimizer_checkpoints_interchange_with_plain(uninterrupted, tmp_path):
+    run_dir, reference = uninterrupted
+    result = run_ranks(_replica_sharded_round_trip, 4, run_dir, str(tmp_path))[0]
+    expected = reference[0]["losses"][RESUME_AT:]
+    assert result["sharded"] == pytest.approx(expected, rel=1e-5)
+    assert result["plain"] == pytest.approx(expected, rel=1e-5)
+    for name, value in reference[0]["state"].items():
+        torch.testing.assert_close(result["state"][name], value, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

@@ -36,13 +36,17 @@ BUILDERS = {"toy": ToyModel, "llama": build_llama, "gpt2": build_gpt2}
 
 
 def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batches: torch.Tensor,
-                     replica_reduce_dtype: torch.dtype | None = None):
+                     replica_reduce_dtype: torch.dtype | None = None, optimizer_over_replicas: bool = False):
     """Runs on every rank: shard, train with two-hop accumulation, return losses, weights, traffic."""
     topo = torchmics.init_mesh(partition_size=partition_size, gpus_per_node=gpus_per_node)
     torch.manual_seed(0)
     precision = torchmics.MixedPrecision(replica_reduce_dtype=replica_reduce_dtype)
-    model = torchmics.shard(BUILDERS[builder](), topo, mixed_precision=precision)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model = torchmics.shard(BUILDERS[builder](), topo, mixed_precision=precision,
+                            shard_optimizer_across_replicas=optimizer_over_replicas)
+    if optimizer_over_replicas:
+        opt = torchmics.ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=1e-2)
+    else:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     rank, world = dist.get_rank(), dist.get_world_size()
     losses, replica_all_reduces = [], []
     with record_traffic() as traffic:
@@ -55,7 +59,7 @@ def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batc
                     loss = lm_loss(model, micro.chunk(world)[rank]) / len(step_batches)
                     loss.backward()
                 step_loss += loss.detach()
-            replica_all_reduces.append(_replica_all_reduces(traffic, topo) - before)
+            replica_all_reduces.append(_replica_all_reduces(traffic, topo) - before)  # before the step's own hop
             torchmics.clip_grad_norm_(model, 1.0)
             opt.step()
             opt.zero_grad()
@@ -69,6 +73,10 @@ def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batc
         "traffic": dict(traffic),
         "replica_all_reduces": replica_all_reduces,
         "units": units,
+        "optimizer_state_numel": sum(t.numel() for state in (opt.inner if optimizer_over_replicas else opt).state.values()
+                                     for t in state.values() if t.dim()),
+        "shard_numel": sum(p.to_local().numel() for p in model.parameters() if p.requires_grad),
+        "trainable_tensors": sum(1 for p in model.parameters() if p.requires_grad),
         "topology": (topo.partition_groups, topo.inter_groups, topo.intra_groups),
     }
 
@@ -135,3 +143,17 @@ def test_replica_hop_in_its_own_dtype(world, nodes, partition, dtype, tolerance)
     assert_matches_reference(results[0], "toy", batches, tolerance)
     for result in results:
         assert result["replica_all_reduces"] == [result["units"]] * STEPS
+
+
+@pytest.mark.parametrize("world,nodes,partition", [(4, 2, 2), (8, 4, 4)], ids=["2x2-p2", "4x2-p4-hier"])
+def test_optimizer_sharded_across_replicas(world, nodes, partition):
+    """Optimizer state over replicas: same training as single-process, 1/R of AdamW's two moments."""
+    batches = make_batches(STEPS, ACCUM, global_batch=world * 2)
+    results = run_ranks(sharded_training, world, world // nodes, partition, "toy", batches, None, True, nodes=nodes)
+    assert_matches_reference(results[0], "toy", batches)
+    replicas = world // partition
+    for result in results:
+        assert result["replica_all_reduces"] == [0] * STEPS  # the replica hop is a reduce-scatter now
+        moments = 2 * result["shard_numel"]  # what a plain AdamW keeps on this rank
+        padding = 2 * result["trainable_tensors"]  # uneven slices: at most one element per tensor and moment
+        assert moments / replicas - padding <= result["optimizer_state_numel"] <= moments / replicas + padding

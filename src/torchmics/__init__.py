@@ -8,11 +8,13 @@ from torchmics.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from torchmics.optim import ReplicaShardedOptimizer
 from torchmics.sharding import MixedPrecision, clip_grad_norm_, no_replica_sync, shard
 from torchmics.topology import Topology, init_mesh, plan_topology
 
 __all__ = [
     "MixedPrecision",
+    "ReplicaShardedOptimizer",
     "Topology",
     "checkpoint_path",
     "clip_grad_norm_",

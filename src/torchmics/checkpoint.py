@@ -47,9 +47,11 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
+from torchmics.optim import ReplicaShardedOptimizer
 from torchmics.sharding import topology_of
 from torchmics.topology import Topology
 
@@ -122,8 +124,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     other_optimizer = "A missing `optim.` key means the checkpoint holds another optimizer type's state."
     with _ordinary_error(f"loading checkpoint {path}", other_optimizer):
         dcp.load(state, checkpoint_id=path)
-    optimizers = [optimizer] if optimizer is not None else []
-    set_state_dict(model, optimizers, model_state_dict=state[_MODEL_KEY], optim_state_dict=state["optim"])
+    _restore_train_state(model, optimizer, state)
     if metadata["world_size"] == dist.get_world_size():
         _load_rng(path)
     elif dist.get_rank() == 0:
@@ -246,8 +247,19 @@ def _hf_config_source(extra: dict) -> str | None:
 
 def _train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Sharded (DTensor) state dicts of model and optimizer, keyed by the unwrapped model's names."""
+    if isinstance(optimizer, ReplicaShardedOptimizer):
+        return {_MODEL_KEY: get_model_state_dict(model), "optim": optimizer.sharded_state_dict()}
     model_state, optim_state = get_state_dict(model, [optimizer] if optimizer is not None else [])
     return {_MODEL_KEY: model_state, "optim": optim_state}
+
+
+def _restore_train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+    if isinstance(optimizer, ReplicaShardedOptimizer):
+        set_model_state_dict(model, state[_MODEL_KEY])
+        optimizer.load_sharded_state_dict(state["optim"])
+        return
+    optimizers = [optimizer] if optimizer is not None else []
+    set_state_dict(model, optimizers, model_state_dict=state[_MODEL_KEY], optim_state_dict=state["optim"])
 
 
 @contextlib.contextmanager

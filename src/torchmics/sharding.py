@@ -9,11 +9,13 @@ the replication all-reduce to the last micro-step (:func:`no_replica_sync`).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -26,6 +28,7 @@ from torchmics.wrapping import resolve_units
 _TOPOLOGY_ATTR = "_torchmics_topology"
 _NO_SYNC_ATTR = "_torchmics_in_no_replica_sync"
 _REPLICA_ATTR = "_torchmics_replica_reduction"
+_OPTIMIZER_SHARDING_ATTR = "_torchmics_optimizer_sharding"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ def shard(
     mixed_precision: MixedPrecision | None = None,
     hierarchical: bool | Literal["auto"] = "auto",
     reshard_after_forward: bool = True,
+    shard_optimizer_across_replicas: bool = False,
 ) -> nn.Module:
     """Shard ``model`` in place over ``topology``'s partition groups and return it.
 
@@ -77,13 +81,18 @@ def shard(
     ``hierarchical="auto"`` uses two-stage collectives exactly when the partition group spans nodes
     with several GPUs each; ``True`` demands it (an error if the topology has no hierarchy), ``False``
     forces flat rings (for comparison).
+
+    ``shard_optimizer_across_replicas=True`` leaves the replica hop to
+    :class:`torchmics.ReplicaShardedOptimizer`, which keeps optimizer state for ``1/R`` of each
+    shard (see :mod:`torchmics.optim`); build the optimizer with it, not on ``model.parameters()``.
     """
     _check_shardable(model, topology)
     use_hierarchy = _resolve_hierarchical(hierarchical, topology)
     mixed_precision = mixed_precision or MixedPrecision()
-    replica = _replica_reduction(topology, mixed_precision)
+    replica = None if shard_optimizer_across_replicas else _replica_reduction(topology, mixed_precision)
+    by_optimizer = shard_optimizer_across_replicas and topology.num_replicas > 1
     # FSDP2 runs the replica hop itself (HSDP, 2-D mesh) unless torchmics does (hook) or there is none.
-    mesh = topology.mesh if topology.num_replicas > 1 and replica is None else topology.mesh["shard"]
+    mesh = topology.mesh if topology.num_replicas > 1 and replica is None and not by_optimizer else topology.mesh["shard"]
     policy = mixed_precision.to_fsdp()
     for unit in resolve_units(model, wrap):
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
@@ -99,7 +108,17 @@ def shard(
             unit.set_all_reduce_hook(replica.hook_for(index))
     setattr(model, _TOPOLOGY_ATTR, topology)
     setattr(model, _REPLICA_ATTR, replica)
+    setattr(model, _OPTIMIZER_SHARDING_ATTR, (shard_optimizer_across_replicas, mixed_precision.replica_reduce_dtype))
     return model
+
+
+def uses_replica_sharded_optimizer(model: nn.Module) -> bool:
+    return getattr(model, _OPTIMIZER_SHARDING_ATTR, (False, None))[0]
+
+
+def replica_wire_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype gradients cross the replication group in (``None``: their own dtype)."""
+    return getattr(model, _OPTIMIZER_SHARDING_ATTR, (False, None))[1]
 
 
 def _replica_reduction(topology: Topology, mixed_precision: MixedPrecision) -> ReplicaReduction | None:
@@ -174,9 +193,29 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     of the step, outside :func:`no_replica_sync`.
     """
     topology_of(model)
+    optimizer = getattr(model, "_torchmics_optimizer", None)
+    if optimizer is not None:
+        return _clip_replica_sharded(optimizer, max_norm, norm_type)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
     if isinstance(total, DTensor):
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
+    return total
+
+
+def _clip_replica_sharded(optimizer, max_norm: float, norm_type: float) -> torch.Tensor:
+    """Every gradient element lives in exactly one rank's owned slice, so one world reduction is exact."""
+    optimizer.reduce_gradients()
+    grads = [s.grad for s in optimizer.slices if s.grad is not None and s.grad.numel()]
+    local = torch.nn.utils.get_total_norm(grads, norm_type=norm_type) if grads else torch.zeros(())
+    local = local.to(optimizer.slices[0].device)
+    if math.isinf(norm_type):
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        total = local
+    else:
+        local = local.pow(norm_type)
+        dist.all_reduce(local)
+        total = local.pow(1.0 / norm_type)
+    torch.nn.utils.clip_grads_with_norm_(optimizer.slices, max_norm, total)
     return total
