@@ -36,11 +36,13 @@ BUILDERS = {"toy": ToyModel, "llama": build_llama, "gpt2": build_gpt2}
 
 
 def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batches: torch.Tensor,
-                     replica_reduce_dtype: torch.dtype | None = None, optimizer_over_replicas: bool = False):
+                     replica_reduce_dtype: torch.dtype | None = None, optimizer_over_replicas: bool = False,
+                     param_dtype: torch.dtype | None = None):
     """Runs on every rank: shard, train with two-hop accumulation, return losses, weights, traffic."""
     topo = torchmics.init_mesh(partition_size=partition_size, gpus_per_node=gpus_per_node)
     torch.manual_seed(0)
-    precision = torchmics.MixedPrecision(replica_reduce_dtype=replica_reduce_dtype)
+    reduce_dtype = torch.float32 if param_dtype is not None else None  # bf16 compute, fp32 reduction
+    precision = torchmics.MixedPrecision(param_dtype, reduce_dtype, replica_reduce_dtype)
     model = torchmics.shard(BUILDERS[builder](), topo, mixed_precision=precision,
                             shard_optimizer_across_replicas=optimizer_over_replicas)
     if optimizer_over_replicas:
@@ -157,3 +159,14 @@ def test_optimizer_sharded_across_replicas(world, nodes, partition):
         moments = 2 * result["shard_numel"]  # what a plain AdamW keeps on this rank
         padding = 2 * result["trainable_tensors"]  # uneven slices: at most one element per tensor and moment
         assert moments / replicas - padding <= result["optimizer_state_numel"] <= moments / replicas + padding
+
+
+def test_optimizer_over_replicas_with_bf16_compute_equals_plain_mics():
+    """Gathering updated slices in bf16 loses nothing: bf16 training is the same as plain two-hop MiCS."""
+    batches = make_batches(STEPS, ACCUM, global_batch=8)
+    args = (2, 2, "toy", batches, None)
+    plain = run_ranks(sharded_training, 4, *args, False, torch.bfloat16, nodes=2)[0]
+    sharded = run_ranks(sharded_training, 4, *args, True, torch.bfloat16, nodes=2)[0]
+    assert sharded["losses"] == pytest.approx(plain["losses"], rel=1e-6)
+    for name, value in plain["state"].items():  # full precision master weights, after synchronization
+        torch.testing.assert_close(sharded["state"][name], value, rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")

@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from torchmics.optim import ReplicaShardedOptimizer
-from torchmics.sharding import topology_of
+from torchmics.sharding import attached_optimizer, topology_of
 from torchmics.topology import Topology
 
 METADATA_FILE = "torchmics.json"
@@ -72,6 +72,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     included. Every rank must call it (it all-gathers each parameter, one at a time).
     """
     topology_of(model)
+    optimizer = attached_optimizer(model)
+    if optimizer is not None:  # replicas hold low-precision copies of the slices they do not own
+        optimizer.synchronize_master_weights()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
 
@@ -248,7 +251,8 @@ def _hf_config_source(extra: dict) -> str | None:
 def _train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Sharded (DTensor) state dicts of model and optimizer, keyed by the unwrapped model's names."""
     if isinstance(optimizer, ReplicaShardedOptimizer):
-        return {_MODEL_KEY: get_model_state_dict(model), "optim": optimizer.sharded_state_dict()}
+        optim_state = optimizer.sharded_state_dict()  # first: it synchronizes the master weights
+        return {_MODEL_KEY: get_model_state_dict(model), "optim": optim_state}
     model_state, optim_state = get_state_dict(model, [optimizer] if optimizer is not None else [])
     return {_MODEL_KEY: model_state, "optim": optim_state}
 

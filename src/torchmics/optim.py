@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from torchmics.sharding import replica_wire_dtype, topology_of, uses_replica_sharded_optimizer
+from torchmics.sharding import attach_optimizer, mixed_precision_of, topology_of, uses_replica_sharded_optimizer
 
 
 class ReplicaShardedOptimizer:
@@ -47,7 +47,9 @@ class ReplicaShardedOptimizer:
         self.model = model
         self.group = topology.mesh.get_group("replicate")
         self.replicas, self.index = self.group.size(), self.group.rank()
-        self.wire_dtype = replica_wire_dtype(model)
+        precision = mixed_precision_of(model)
+        self.wire_dtype = precision.replica_reduce_dtype
+        self.compute_dtype = precision.param_dtype
         names = {id(p): name for name, p in model.named_parameters()}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.names = [names[id(p)] for p in self.params]
@@ -55,7 +57,7 @@ class ReplicaShardedOptimizer:
         self.slices = [nn.Parameter(self._owned(p, c), requires_grad=True) for p, c in zip(self.params, self.chunks)]
         self.inner = optimizer_class(self.slices, **kwargs)
         self._reduced = False
-        model._torchmics_optimizer = self  # lets clip_grad_norm_ reduce before it measures
+        attach_optimizer(model, self)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -87,20 +89,37 @@ class ReplicaShardedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Replica reduce-scatter, inner step on the owned slices, replica all-gather of the result."""
+        """Replica reduce-scatter, inner step on the owned slices, replica all-gather of the result.
+
+        The all-gather sends the updated slices in the compute dtype (``param_dtype``): what other
+        replicas hold of a slice they do not own is only ever cast to that dtype for forward and
+        backward, so the rounding changes no result and the replica hop moves the bytes of an
+        all-reduce. The full-precision values stay with their owner; :meth:`synchronize_master_weights`
+        gathers them before anything reads whole parameters (checkpoints, ``full_state_dict``).
+        """
         self.reduce_gradients()
         self.inner.step()
-        self._all_gather_updates()
+        self._all_gather_slices(self.compute_dtype)
         self._reduced = False
 
-    def _all_gather_updates(self) -> None:
+    @torch.no_grad()
+    def synchronize_master_weights(self) -> None:
+        """Give every replica the owners' full-precision values of every slice."""
+        if self.compute_dtype is not None:
+            self._all_gather_slices(None)
+
+    def _all_gather_slices(self, dtype: torch.dtype | None) -> None:
+        """All-gather the owned slices (in ``dtype``) into every replica's shards, keeping the own slice."""
         mine = torch.cat([torch.nn.functional.pad(s.detach(), (0, c - s.numel())) for s, c in zip(self.slices, self.chunks)])
+        mine = mine.to(dtype or mine.dtype)
         rows = torch.empty(self.replicas * mine.numel(), dtype=mine.dtype, device=mine.device)
         dist.all_gather_into_tensor(rows, mine, group=self.group)
         rows = rows.view(self.replicas, mine.numel())
-        for param, part in zip(self.params, rows.split(self.chunks, dim=1)):
-            flat = param.to_local().detach().view(-1)
-            flat.copy_(part.reshape(-1)[: flat.numel()])
+        for param, part, chunk in zip(self.params, rows.split(self.chunks, dim=1), self.chunks):
+            flat, gathered = param.to_local().detach().view(-1), part.reshape(-1)
+            start, end = min(self.index * chunk, flat.numel()), min((self.index + 1) * chunk, flat.numel())
+            flat[:start].copy_(gathered[:start])  # the owned slice [start, end) is already up to date
+            flat[end:].copy_(gathered[end : flat.numel()])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.model.zero_grad(set_to_none=set_to_none)
@@ -117,6 +136,7 @@ class ReplicaShardedOptimizer:
         """
         if not self.inner.state:
             self._create_state()
+        self.synchronize_master_weights()
         state = {}
         for name, param, owned, chunk in zip(self.names, self.params, self.slices, self.chunks):
             entries = self.inner.state.get(owned, {})

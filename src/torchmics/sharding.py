@@ -29,6 +29,8 @@ _TOPOLOGY_ATTR = "_torchmics_topology"
 _NO_SYNC_ATTR = "_torchmics_in_no_replica_sync"
 _REPLICA_ATTR = "_torchmics_replica_reduction"
 _OPTIMIZER_SHARDING_ATTR = "_torchmics_optimizer_sharding"
+_MIXED_PRECISION_ATTR = "_torchmics_mixed_precision"
+_ATTACHED_OPTIMIZER_ATTR = "_torchmics_optimizer"
 
 
 @dataclass(frozen=True)
@@ -108,17 +110,26 @@ def shard(
             unit.set_all_reduce_hook(replica.hook_for(index))
     setattr(model, _TOPOLOGY_ATTR, topology)
     setattr(model, _REPLICA_ATTR, replica)
-    setattr(model, _OPTIMIZER_SHARDING_ATTR, (shard_optimizer_across_replicas, mixed_precision.replica_reduce_dtype))
+    setattr(model, _OPTIMIZER_SHARDING_ATTR, shard_optimizer_across_replicas)
+    setattr(model, _MIXED_PRECISION_ATTR, mixed_precision)
     return model
 
 
 def uses_replica_sharded_optimizer(model: nn.Module) -> bool:
-    return getattr(model, _OPTIMIZER_SHARDING_ATTR, (False, None))[0]
+    return getattr(model, _OPTIMIZER_SHARDING_ATTR, False)
 
 
-def replica_wire_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype gradients cross the replication group in (``None``: their own dtype)."""
-    return getattr(model, _OPTIMIZER_SHARDING_ATTR, (False, None))[1]
+def mixed_precision_of(model: nn.Module) -> MixedPrecision:
+    return getattr(model, _MIXED_PRECISION_ATTR, MixedPrecision())
+
+
+def attach_optimizer(model: nn.Module, optimizer: object) -> None:
+    """Remember the replica-sharded optimizer: clipping and full state dicts must go through it."""
+    setattr(model, _ATTACHED_OPTIMIZER_ATTR, optimizer)
+
+
+def attached_optimizer(model: nn.Module):
+    return getattr(model, _ATTACHED_OPTIMIZER_ATTR, None)
 
 
 def _replica_reduction(topology: Topology, mixed_precision: MixedPrecision) -> ReplicaReduction | None:
@@ -193,7 +204,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     of the step, outside :func:`no_replica_sync`.
     """
     topology_of(model)
-    optimizer = getattr(model, "_torchmics_optimizer", None)
+    optimizer = attached_optimizer(model)
     if optimizer is not None:
         return _clip_replica_sharded(optimizer, max_norm, norm_type)
     grads = [p.grad for p in model.parameters() if p.grad is not None]

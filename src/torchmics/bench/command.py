@@ -37,6 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3 if ON_GPU else 1, help="untimed steps first")
     p.add_argument("--reduce-dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--param-dtype", choices=("bf16", "fp32"), default="bf16" if ON_GPU else "fp32")
+    p.add_argument("--replica-reduce-dtype", choices=("bf16", "fp32"), default=None,
+                   help="torchmics systems: dtype of the replica hop (precision per hop); default: --reduce-dtype")
     p.add_argument("--collectives", action="store_true", help="measure flat vs hierarchical collectives instead")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>-<nodes>x<gpus>)")
     p.set_defaults(run=run)
@@ -48,7 +50,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         raise ValueError(f"unknown systems {unknown}; valid: {', '.join(SYSTEMS)}")
     LocalLaunch(args.nproc, args.emulate_nodes)  # validates the split into nodes
     return BenchConfig(args.model, args.micro_batch, args.seq_len, args.accum, args.steps, args.warmup,
-                       args.emulate_nodes, args.nproc, args.reduce_dtype, args.param_dtype)
+                       args.emulate_nodes, args.nproc, args.reduce_dtype, args.param_dtype, args.replica_reduce_dtype)
 
 
 def _out_dir(args: argparse.Namespace) -> Path:

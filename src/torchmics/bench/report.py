@@ -12,7 +12,8 @@ def load_results(path: Path) -> list[dict]:
 
 def _setting(r: dict) -> str:
     where = f"{r['nodes']} emulated nodes x {r['gpus_per_node']}" if r.get("emulated") else f"{r['nodes'] * r['gpus_per_node']} GPU(s), 1 node"
-    return f"{where}, accum {r['accum']}, {r['reduce_dtype']} reduce"
+    replica = f" ({r['replica_reduce_dtype']} replica hop)" if r.get("replica_reduce_dtype") else ""
+    return f"{where}, accum {r['accum']}, {r['reduce_dtype']} reduce{replica}"
 
 
 def markdown_table(records: list[dict]) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from torchmics.bench.systems import SYSTEMS, BenchSpec
+from torchmics.bench.systems import LEARNING_RATE, SYSTEMS, BenchSpec
 from torchmics.models import build_model, causal_lm_loss, logits_of
 from torchmics.topology import ensure_process_group
 from torchmics.train.launcher import LocalLaunch, spawn
@@ -40,6 +40,7 @@ class BenchConfig:
     nproc: int
     reduce_dtype: str  # "bf16" | "fp32"
     param_dtype: str
+    replica_reduce_dtype: str | None = None  # torchmics only: the replica hop's own dtype
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -56,14 +57,15 @@ def _partition_for(system: str, partition_size: int, world: int) -> int:
 def _measure(cfg: BenchConfig, system: str, partition_size: int, out_file: str) -> None:
     """Runs on every rank; rank 0 writes the measured record to ``out_file``."""
     world = int(os.environ["WORLD_SIZE"])
-    spec = BenchSpec(system, partition_size, world // cfg.nodes, DTYPES[cfg.reduce_dtype], DTYPES[cfg.param_dtype])
+    replica_dtype = DTYPES[cfg.replica_reduce_dtype] if cfg.replica_reduce_dtype else None
+    spec = BenchSpec(system, partition_size, world // cfg.nodes, DTYPES[cfg.reduce_dtype], DTYPES[cfg.param_dtype], replica_dtype)
     ensure_process_group()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     torch.manual_seed(0)
     model, info = build_model(cfg.model, cfg.seq_len)
     prepared = SYSTEMS[system](spec, model)
-    optimizer = torch.optim.AdamW(prepared.model.parameters(), lr=1e-4, fused=cuda)
+    optimizer = prepared.optimizer or torch.optim.AdamW(prepared.model.parameters(), lr=LEARNING_RATE, fused=cuda)
     generator = torch.Generator(device=device).manual_seed(dist.get_rank())
     times = []
     for step in range(cfg.warmup + cfg.steps):
@@ -106,6 +108,7 @@ def _record(cfg: BenchConfig, spec: BenchSpec, info, step_time: float, device: t
         "num_params": info.num_params,
         "flops_per_token": info.flops_per_token,
         "reduce_dtype": cfg.reduce_dtype,
+        "replica_reduce_dtype": cfg.replica_reduce_dtype if spec.system.startswith("torchmics") else None,
         "param_dtype": cfg.param_dtype,
         "step_time_s": step_time,
         "tokens_per_s_per_gpu": tokens_per_gpu,

@@ -22,6 +22,9 @@ import torchmics
 from torchmics.wrapping import resolve_units
 
 
+LEARNING_RATE = 1e-4
+
+
 @dataclass(frozen=True)
 class BenchSpec:
     """One system on one topology; what a results.jsonl line records besides the measurements."""
@@ -31,6 +34,7 @@ class BenchSpec:
     gpus_per_node: int
     reduce_dtype: torch.dtype
     param_dtype: torch.dtype
+    replica_reduce_dtype: torch.dtype | None = None  # precision per hop (torchmics only)
 
 
 @dataclass
@@ -38,21 +42,27 @@ class Prepared:
     model: nn.Module
     sync: Callable[[bool], AbstractContextManager]  # is_last_micro_step -> context for that micro-step
     autocast: bool = False  # DDP keeps fp32 params and computes under bf16 autocast
+    optimizer: torch.optim.Optimizer | None = None  # None: AdamW over model.parameters()
 
 
 def _always_sync(is_last: bool) -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _torchmics(spec: BenchSpec, model: nn.Module, hierarchical, two_hop: bool) -> Prepared:
+def _torchmics(spec: BenchSpec, model: nn.Module, hierarchical, two_hop: bool, optimizer_over_replicas: bool = False) -> Prepared:
     topo = torchmics.init_mesh(partition_size=spec.partition_size, gpus_per_node=spec.gpus_per_node)
-    mp = torchmics.MixedPrecision(param_dtype=spec.param_dtype, reduce_dtype=spec.reduce_dtype)
-    model = torchmics.shard(model, topo, mixed_precision=mp, hierarchical=hierarchical)
+    mp = torchmics.MixedPrecision(spec.param_dtype, spec.reduce_dtype, spec.replica_reduce_dtype)
+    model = torchmics.shard(model, topo, mixed_precision=mp, hierarchical=hierarchical,
+                            shard_optimizer_across_replicas=optimizer_over_replicas)
+    optimizer = None
+    if optimizer_over_replicas:
+        fused = torch.cuda.is_available()
+        optimizer = torchmics.ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=LEARNING_RATE, fused=fused)
 
     def sync(is_last: bool) -> AbstractContextManager:
         return contextlib.nullcontext() if is_last or not two_hop else torchmics.no_replica_sync(model)
 
-    return Prepared(model, sync)
+    return Prepared(model, sync, optimizer=optimizer)
 
 
 def _fsdp2(spec: BenchSpec, model: nn.Module, hsdp: bool) -> Prepared:
@@ -94,6 +104,7 @@ SYSTEMS: dict[str, Callable[[BenchSpec, nn.Module], Prepared]] = {
     "torchmics": lambda spec, model: _torchmics(spec, model, "auto", two_hop=True),
     "torchmics-flat": lambda spec, model: _torchmics(spec, model, False, two_hop=True),
     "torchmics-no-two-hop": lambda spec, model: _torchmics(spec, model, "auto", two_hop=False),
+    "torchmics-replica-optimizer": lambda spec, model: _torchmics(spec, model, "auto", True, optimizer_over_replicas=True),
     "fsdp2-full": lambda spec, model: _fsdp2(spec, model, hsdp=False),
     "fsdp2-hsdp": lambda spec, model: _fsdp2(spec, model, hsdp=True),
     "ddp": _ddp,
