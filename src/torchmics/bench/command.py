@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> None:
         out_file = f"/tmp/torchmics-collectives-{os.getpid()}.jsonl"
         spawn(measure_collectives, LocalLaunch(cfg.nproc, cfg.nodes, use_gpus=ON_GPU), gpus_per_node, out_file)
         records = [json.loads(line) for line in Path(out_file).read_text().splitlines()]
+        Path(out_file).unlink()
     else:
         partition = args.partition_size or gpus_per_node
         validate(cfg.nproc, gpus_per_node, partition)
