@@ -2,10 +2,13 @@
 
 import dataclasses
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from torchmics.plan import (
+    PAPER_MODELS,
     PROFILES,
     ClusterProfile,
     LinkClass,
@@ -14,18 +17,26 @@ from torchmics.plan import (
     calibrate,
     estimate_memory,
     evaluate,
+    fit_link,
     get_profile,
+    pipelined,
     plan,
+    predict_record,
+    read_jsonl,
     recommend,
+    record_strategy,
     render_table,
     replica_all_reduce_time,
     ring_time,
     shard_collective_time,
     simulate,
     step_time,
+    training_records,
     write_outputs,
 )
+from torchmics.plan.auto import gpu_profile, job_cluster, recommend_partition_size
 from torchmics.plan.memory import GIB
+from torchmics.plan.validate import committed_checks, leave_one_out, render_checks
 
 LINKS = {"intra": LinkClass(alpha=1e-6, beta=1e11), "inter": LinkClass(alpha=1e-5, beta=1e10)}
 
@@ -37,6 +48,7 @@ def _cluster(gpus_per_node: int = 8, **overrides) -> ClusterProfile:
         gpus_per_node=gpus_per_node,
         peak_tflops=1000,
         hbm_gib=80,
+        hbm_tbps=2.0,
         compute_mfu=0.5,
         source="test",
         **LINKS,
@@ -81,6 +93,20 @@ def test_model_spec_from_gpt_preset():
     spec = ModelSpec.from_preset("1.4b")
     assert spec.num_params == gpt.PRESETS["1.4b"].num_params()
     assert (spec.n_layer, spec.d_model) == (24, 2048)
+    assert spec.flops_per_token == gpt.PRESETS["1.4b"].flops_per_token()  # lookup tables do no matmuls
+    assert spec.embedding_params == 2 * 50304 * 2048 + 2048 * 2048  # untied: embedding, head, positions
+
+
+def test_model_spec_from_name(tmp_path):
+    gpt2 = {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}
+    (tmp_path / "config.json").write_text(json.dumps(gpt2))
+    assert ModelSpec.from_name(f"hf:{tmp_path}") == ModelSpec.from_hf_config(gpt2)  # a folder holding one
+    assert ModelSpec.from_name(f"hf:{tmp_path / 'config.json'}") == ModelSpec.from_hf_config(gpt2)
+    assert ModelSpec.from_name("mics-100b") == PAPER_MODELS["mics-100b"]
+    with pytest.raises(ValueError, match="does not exist"):
+        ModelSpec.from_name(f"hf:{tmp_path / 'missing.json'}")
+    with pytest.raises(ValueError, match="decoder-only"):
+        ModelSpec.from_hf_config({"vocab_size": 10})
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -91,22 +117,23 @@ LAYER = (1_000_000_000 - 32000 * 2048) // 16  # 58_404_000
 
 def test_memory_of_1b_model_at_partition_8_by_hand():
     mem = estimate_memory(ONE_B, Strategy.mics(8), world_size=8, gpus_per_node=8, micro_batch=2)
-    assert mem.params == mem.grads == 4e9 / 8
+    assert mem.params == 4e9 / 8
+    assert mem.grads == 0.0  # freed after every step; backward starts with all activations held
     assert mem.optimizer == 8e9 / 8
     assert mem.gathered == 2 * (32000 * 2048 + 2 * LAYER) + (4 + 2) * LAYER  # bf16 units, fp32 grad + cast
     assert mem.activations == 16 * 1024 * 2 * 2048 * 34
-    assert mem.logits == 2 * 1024 * 32000 * 4
+    assert mem.logits == 3 * 2 * 1024 * 32000 * 4  # log-softmax output, its gradient in and out
     assert mem.overhead == GIB
-    assert mem.total == pytest.approx(5e8 + 5e8 + 1e9 + 715_112_000 + 2_281_701_376 + 262_144_000 + GIB)
+    assert mem.total == pytest.approx(5e8 + 1e9 + 715_112_000 + 2_281_701_376 + 786_432_000 + GIB)
 
 
-def test_memory_matches_measured_peers():
-    pytest.importorskip("torchmics.models.gpt")
-    spec = ModelSpec.from_preset("1.4b")  # DESIGN.md section 7: 4 GPUs on NVLink, micro-batch 4
-    full_shard = estimate_memory(spec, Strategy.zero3(), 4, 4, micro_batch=4)
-    ddp = estimate_memory(spec, Strategy.ddp(), 4, 4, micro_batch=4)
-    assert full_shard.total_gib == pytest.approx(21.1, rel=0.05)
-    assert ddp.total_gib == pytest.approx(41.8, rel=0.05)
+def test_memory_of_accumulated_gradients():
+    fp32 = estimate_memory(ONE_B, Strategy.mics(8), 8, 8, micro_batch=2, accum=4)
+    assert fp32.grads == 4e9 / 8  # no replicas: FSDP2 accumulates into the fp32 shards
+    deferred = estimate_memory(ONE_B, Strategy.mics(8, reduce_bytes=2), 32, 8, micro_batch=2, accum=4)
+    assert deferred.grads == 2e9 / 8  # two-hop: the partial reduce-scatter output, in bf16
+    synced = estimate_memory(ONE_B, Strategy.mics(8, reduce_bytes=2, two_hop=False), 32, 8, micro_batch=2, accum=4)
+    assert synced.grads == 4e9 / 8
 
 
 def test_memory_options():
@@ -114,10 +141,20 @@ def test_memory_options():
     assert ckpt.activations == 16 * 2 * 1024 * 2 * 2048 + 1024 * 2 * 2048 * 34  # inputs + one block
     sharded = estimate_memory(ONE_B, Strategy.mics(8, replica_sharded_optimizer=True), 32, 8, micro_batch=2)
     assert sharded.optimizer == 8e9 / 32
-    ddp = estimate_memory(ONE_B, Strategy.ddp(), 8, 8, micro_batch=2)
-    assert (ddp.params, ddp.grads, ddp.gathered) == (4e9, 8e9, 0.0)  # DDP's bucket copies, no gathering
     scores = estimate_memory(ONE_B, Strategy.mics(8), 8, 8, micro_batch=2, flash_attention=False)
     assert scores.activations == 16 * 1024 * 2 * 2048 * (34 + 5 * 16 * 1024 / 2048)
+
+
+def test_memory_of_ddp_under_autocast():
+    ddp = estimate_memory(ONE_B, Strategy.ddp(), 8, 8, micro_batch=2)
+    residual = 16 * 2 * 2 * 1024 * 2 * 2048  # two fp32 layer-norm inputs per block: 2 more bytes each
+    assert (ddp.params, ddp.optimizer, ddp.gathered) == (4e9, 8e9, 2e9)  # the cast cache's bf16 weights
+    assert ddp.activations == 16 * 1024 * 2 * 2048 * 34 + residual
+    # the bucket copy, plus the gradients by which the end of backward outgrows its start
+    assert ddp.grads == pytest.approx(4e9 + 4e9 - ddp.activations - ddp.logits)
+    no_sync = estimate_memory(ONE_B, Strategy.ddp(reduce_bytes=2), 16, 8, micro_batch=2, accum=2)
+    assert no_sync.grads == 8e9  # DDP accumulates fp32 .grad between syncs, whatever it communicates in
+    assert estimate_memory(ONE_B, Strategy.ddp(param_bytes=4), 8, 8, micro_batch=2).gathered == 0.0
 
 
 # --- collectives and step time ------------------------------------------------------------------
@@ -158,33 +195,52 @@ SLOW = _cluster(gpus_per_node=1, inter=LinkClass(alpha=0.0, beta=1e9))
 
 def test_step_time_communication_bound_by_hand():
     cost = step_time(TOY, SLOW, nodes=2, strategy=Strategy.zero3(), micro_batch=1, accum=2)
-    ag, rs = 10 * 0.5 * 2e8 / 1e9, 10 * 0.5 * 4e8 / 1e9  # 1 s, 2 s per micro-step
-    assert cost.total == pytest.approx(2 * (ag + (ag + rs) + (ag + rs) / 10))
+    ag, rs = 0.5 * 2e8 / 1e9, 0.5 * 4e8 / 1e9  # per block: 0.1 s, 0.2 s
+    f = 100 * TOY.flops_per_token / 3 / 5e14 / 10  # forward of one block, far shorter
+    optimizer = 28 * 1e9 / 2 / 2e12  # fused AdamW over half the fp32 states at 2 TB/s
+    # forward: 10 gathers, the last block's compute sticks out; backward: 10 (gather + scatter), + 1 block
+    assert cost.total == pytest.approx(2 * ((10 * ag + f) + (10 * (ag + rs) + 2 * f)) + optimizer)
+    assert cost.optimizer == pytest.approx(optimizer)
     assert cost.compute == pytest.approx(2 * 100 * TOY.flops_per_token / 5e14)
     assert cost.tokens_per_s_per_gpu == pytest.approx(200 / cost.total)
     assert cost.mfu == pytest.approx(cost.tokens_per_s_per_gpu * TOY.flops_per_token / 1e15)
+
+
+def test_pipelined_units():
+    assert pipelined(10, comm=0.1, compute=0.02) == pytest.approx(10 * 0.1 + 0.02)  # last compute sticks out
+    assert pipelined(10, comm=0.02, compute=0.1) == pytest.approx(10 * 0.1 + 0.02)  # first gather sticks out
 
 
 def test_step_time_compute_bound_and_checkpointing():
     fast = _cluster(gpus_per_node=1, inter=LinkClass(alpha=0.0, beta=1e15))
     plain = step_time(TOY, fast, 2, Strategy.zero3(), micro_batch=64)
     ckpt = step_time(TOY, fast, 2, Strategy.zero3(), micro_batch=64, activation_checkpointing=True)
-    assert plain.total == pytest.approx(plain.compute, rel=1e-3)
-    assert ckpt.total == pytest.approx(plain.total * 4 / 3, rel=1e-3)  # one more forward
-    assert plain.mfu == pytest.approx(0.5, rel=1e-3)
+    assert plain.total == pytest.approx(plain.compute + plain.optimizer, rel=1e-3)
+    assert ckpt.total == pytest.approx(plain.compute * 4 / 3 + plain.optimizer, rel=1e-3)  # one more forward
+    assert plain.mfu == pytest.approx(0.5 * plain.compute / plain.total, rel=1e-3)
+
+
+def test_root_unit_is_gathered_once_and_reduced_last():
+    # TOY plus a 1e8-parameter tied embedding: one more gather before forward, one more scatter after backward
+    rooted = dataclasses.replace(TOY, num_params=1_100_000_000, vocab_size=100_000)
+    plain, with_root = (step_time(m, SLOW, 2, Strategy.zero3(), micro_batch=1) for m in (TOY, rooted))
+    root_gather, root_scatter = 0.5 * 2e8 / 1e9, 0.5 * 4e8 / 1e9
+    assert rooted.layer_params == TOY.layer_params
+    extra = with_root.total - with_root.optimizer - (plain.total - plain.optimizer)
+    assert extra == pytest.approx(root_gather + root_scatter, abs=1e-4)  # + the head's little exposed compute
+    assert with_root.all_gather == pytest.approx(plain.all_gather + root_gather)
 
 
 def test_two_hop_amortises_the_replica_all_reduce():
     replicas = Strategy.mics(1)  # each node holds a full copy: only the all-reduce crosses nodes
-    ar = 2 * 0.5 * 4e9 / 1e9  # fp32 gradients of 1e9 parameters between 2 replicas: 4 s
+    ar = 2 * 0.5 * 4e8 / 1e9  # fp32 gradients of one 1e8-parameter block between 2 replicas: 0.4 s
     once = step_time(TOY, SLOW, 2, replicas, micro_batch=1, accum=4)
     every = step_time(TOY, SLOW, 2, dataclasses.replace(replicas, two_hop=False), micro_batch=1, accum=4)
-    micro = once.compute / 4
-    forward = micro / 3
-    with_ar = forward + max(2 * forward, ar) + ar / 10
-    assert once.total == pytest.approx(3 * micro + with_ar)
-    assert every.total == pytest.approx(4 * with_ar)
-    assert (once.all_reduce, every.all_reduce) == (pytest.approx(ar), pytest.approx(4 * ar))
+    forward = once.compute / 4 / 3
+    backward, synced = 2 * forward, forward + 10 * ar + 2 * forward / 10  # each block's sync after its backward
+    assert once.total == pytest.approx(3 * (forward + backward) + synced + once.optimizer)
+    assert every.total == pytest.approx(4 * synced + every.optimizer)
+    assert (once.all_reduce, every.all_reduce) == (pytest.approx(10 * ar), pytest.approx(40 * ar))
 
 
 def test_partition_must_be_node_aligned():
@@ -211,12 +267,14 @@ def test_planner_recommends_smallest_partition_that_fits_when_memory_is_tight():
 
 
 def test_planner_breaks_near_ties_towards_the_smaller_partition():
-    # 13B on fast 3200 Gbps nodes: every partition hides its communication behind compute
+    # 13B on fast 3200 Gbps nodes: every partition hides its communication behind compute, and
+    # accumulation amortises the optimizer step (which shrinks with P)
     candidates = plan(
         ModelSpec.from_shape(40, 5120, 40, 2048, 50304),
         PROFILES["h100-3200"],
         nodes=4,
         micro_batch=2,
+        accum=4,
         activation_checkpointing=True,
     )
     fastest = max((c for c in candidates if c.fits), key=lambda c: c.cost.tokens_per_s_per_gpu)
@@ -284,26 +342,58 @@ def test_simulator_rejects_partial_nodes():
 # --- calibration --------------------------------------------------------------------------------
 
 
+def _collective_lines(link: LinkClass, nodes: int, gpus_per_node: int, algo: str = "flat") -> list[dict]:
+    """What `torchmics bench --collectives` would measure on ``link`` (2 ranks, 1 MiB to 1 GiB)."""
+    line = {"kind": "collective", "op": "all_gather", "algo": algo, "ranks": 2, "nodes": nodes}
+    return [
+        {**line, "gpus_per_node": gpus_per_node, "bytes": n, "time_s": link.alpha + n / 2 / link.beta}
+        for n in (2**20, 2**24, 2**30)
+    ]
+
+
+def _numbers(link: LinkClass) -> tuple[float, float]:
+    return link.alpha, link.beta
+
+
+def test_fit_link_recovers_alpha_and_beta():
+    truth = LinkClass(alpha=150e-6, beta=2.9e9)
+    assert _numbers(fit_link(LINKS["inter"], _collective_lines(truth, 2, 1))) == pytest.approx(_numbers(truth))
+    one_size = _collective_lines(truth, 2, 1)[-1:]  # latency kept, bandwidth fitted
+    assert _numbers(fit_link(truth, one_size)) == pytest.approx(_numbers(truth))
+    assert fit_link(truth, []) == truth
+
+
+def _bench_record(system: str, **fields) -> dict:
+    run = {"system": system, "model": "1.4b", "seq_len": 2048, "micro_batch": 4, "accum": 1, "partition_size": 2}
+    shape = {"nodes": 1, "gpus_per_node": 2, "emulated": False, "param_dtype": "bf16", "reduce_dtype": "bf16"}
+    return run | shape | fields
+
+
 def test_calibration_round_trip(tmp_path):
+    pytest.importorskip("torchmics.models.gpt")
     truth = dataclasses.replace(
         PROFILES["emulated-h200"], intra=LinkClass(3e-6, 180e9), inter=LinkClass(50e-6, 4.2e9), compute_mfu=0.47
     )
-    collective = {"kind": "collective", "op": "all_gather", "gpus_per_node": 2}
+    runs = [_bench_record("fsdp2-full"), _bench_record("ddp", partition_size=1), _bench_record("torchmics", accum=4)]
+    for run in runs:  # what these runs would measure on the truth
+        run["tokens_per_s_per_gpu"] = predict_record(truth, run)[0].tokens_per_s_per_gpu
+        run["mfu"] = run["tokens_per_s_per_gpu"] * 9e9 / truth.peak_flops
+    emulated = _bench_record("fsdp2-full", nodes=2, gpus_per_node=1, emulated=True, tokens_per_s_per_gpu=1.0, mfu=0.01)
     lines = [
-        {**collective, "algo": "flat", "nodes": 1, "bytes": 2**20, "busbw_gbps": 40.0},
-        {**collective, "algo": "flat", "nodes": 1, "bytes": 2**30, "busbw_gbps": truth.intra.beta / 1e9},
-        {**collective, "algo": "flat", "nodes": 2, "bytes": 2**20, "busbw_gbps": 1.0},
-        {**collective, "algo": "flat", "nodes": 2, "bytes": 2**30, "busbw_gbps": truth.inter.beta / 1e9},
-        {**collective, "algo": "hierarchical", "nodes": 2, "bytes": 2**31, "busbw_gbps": 9.9},
-        {"system": "fsdp2", "nodes": 1, "emulated": False, "tokens_per_s_per_gpu": 48e3, "mfu": 0.47},
-        {"system": "fsdp2", "nodes": 2, "emulated": True, "tokens_per_s_per_gpu": 9e3, "mfu": 0.09},
+        *_collective_lines(truth.intra, nodes=1, gpus_per_node=2),
+        *_collective_lines(truth.inter, nodes=2, gpus_per_node=2),
+        *_collective_lines(LinkClass(0.0, 1e15), nodes=2, gpus_per_node=2, algo="hierarchical"),  # mixed links
+        *runs,
+        emulated,  # a prediction target, never fitted to
     ]
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     fitted = calibrate(PROFILES["emulated-h200"], path)
-    assert fitted.intra == truth.intra and fitted.inter == truth.inter
-    assert fitted.compute_mfu == pytest.approx(truth.compute_mfu)
+    assert _numbers(fitted.intra) == pytest.approx(_numbers(truth.intra))
+    assert _numbers(fitted.inter) == pytest.approx(_numbers(truth.inter))
+    assert fitted.compute_mfu == pytest.approx(truth.compute_mfu, rel=1e-6)
     assert fitted.name == "emulated-h200-calibrated" and "Calibrated from" in fitted.source
+    assert calibrate(fitted, path).name == fitted.name  # calibrating twice does not stack suffixes
 
 
 def test_calibration_keeps_what_the_results_do_not_measure(tmp_path):
@@ -314,3 +404,91 @@ def test_calibration_keeps_what_the_results_do_not_measure(tmp_path):
     fitted = calibrate(P4D, path)
     assert (fitted.intra, fitted.inter, fitted.compute_mfu) == (P4D.intra, P4D.inter, P4D.compute_mfu)
     assert fitted.source.endswith("nothing usable.")
+
+
+# --- validation: the calibrated models against our own measurements (2x H100) --------------------
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+NVLINK, EMULATED = RESULTS / "h100-nvlink-1x2" / "results.jsonl", RESULTS / "h100-emulated-2x1" / "results.jsonl"
+CHECKS = committed_checks(RESULTS)  # every run predicted by a profile calibrated without it
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=[f"{c.setting}/{c.record['system']}" for c in CHECKS])
+def test_models_predict_every_bench_run(check):
+    assert abs(check.throughput_error) <= 0.15, f"predicted {check.tokens_per_s_per_gpu:,.0f} tok/s/GPU"
+    assert abs(check.memory_error) <= 0.15, f"predicted {check.memory_gib:.1f} GiB"
+
+
+def test_bench_runs_cover_every_strategy():
+    assert len(CHECKS) == len(training_records(read_jsonl(NVLINK))) + len(training_records(read_jsonl(EMULATED)))
+    systems = {c.record["system"] for c in CHECKS}
+    assert systems >= {"torchmics", "torchmics-no-two-hop", "fsdp2-full", "fsdp2-hsdp", "ddp"}
+    assert record_strategy(next(c.record for c in CHECKS if c.record["system"] == "ddp")).two_hop is False
+
+
+def test_validation_leaves_the_predicted_run_out(tmp_path):
+    run = next(c for c in CHECKS if c.record["system"] == "torchmics" and not c.record["emulated"])
+    doubled = {**run.record, "tokens_per_s_per_gpu": 2 * run.record["tokens_per_s_per_gpu"]}
+    path = tmp_path / "h100-nvlink-1x2" / "results.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*read_jsonl(NVLINK), doubled]))
+    (check,) = [c for c in leave_one_out(PROFILES["h100-3200"], [path]) if c.record == doubled]
+    assert check.tokens_per_s_per_gpu == pytest.approx(run.tokens_per_s_per_gpu, rel=0.02)  # not fitted to itself
+    first_row = render_checks(CHECKS).splitlines()[2]
+    assert [cell.strip() for cell in first_row.split("|")[1:3]] == [CHECKS[0].setting, CHECKS[0].record["system"]]
+
+
+def test_shipped_emulated_h100_profile_is_its_calibration():
+    shipped = PROFILES["emulated-h100"]
+    fitted = calibrate(calibrate(shipped, NVLINK), EMULATED)
+    assert _numbers(shipped.inter) == pytest.approx(_numbers(fitted.inter), rel=0.01)
+    assert shipped.compute_mfu == pytest.approx(fitted.compute_mfu, rel=0.01)
+    assert PROFILES["h100-3200"].compute_mfu == shipped.compute_mfu
+
+
+# --- `torchmics train --partition-size auto` ---------------------------------------------------
+
+
+def test_gpu_profile_follows_the_device():
+    assert gpu_profile("NVIDIA H100 80GB HBM3", 79.1).name == "h100-3200"
+    assert gpu_profile("NVIDIA H100 80GB HBM3", 79.1).hbm_gib == 79.1  # what the device reports
+    assert gpu_profile("NVIDIA H200", 139.8).name == "h200-3200"
+    assert gpu_profile("NVIDIA A100-SXM4-40GB", 39.4).name == "p4d"
+    assert gpu_profile("NVIDIA A100-SXM4-80GB", 79.2).name == "a100-80gb-3200"
+    unknown = gpu_profile("NVIDIA L40S", 44.4)
+    assert (unknown.name, unknown.hbm_gib) == ("local-nvidia-l40s", 44.4)
+    assert "Unknown GPU 'NVIDIA L40S'" in unknown.source and "a100-80gb-3200" in unknown.source
+
+
+def test_job_cluster_of_emulated_nodes_talks_over_sockets():
+    real = job_cluster("NVIDIA H100 80GB HBM3", 79.1, gpus_per_node=2, emulated=False)
+    assert (real.gpus_per_node, real.inter) == (2, PROFILES["h100-3200"].inter)  # a node keeps its NICs
+    one, two = (job_cluster("NVIDIA H100 80GB HBM3", 79.1, k, emulated=True) for k in (1, 2))
+    assert one.emulated and one.inter == PROFILES["emulated-h100"].inter
+    assert two.inter.beta == 2 * one.inter.beta  # every GPU's sockets are its own
+
+
+def _fake_gpu(monkeypatch, name: str, memory_gib: float) -> None:
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    properties = SimpleNamespace(total_memory=memory_gib * GIB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+
+
+def test_auto_partition_size_is_the_planners(monkeypatch):
+    gpt = pytest.importorskip("torchmics.models.gpt")
+    from torchmics.train.config import TrainConfig
+    from torchmics.train.resolve import resolve_partition_size
+
+    _fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", 79.1)
+    cfg = TrainConfig(model="1.4b", micro_batch=4, accum=4, mixed_precision="bf16", emulate_nodes=2)
+    info = gpt.ModelInfo("1.4b", gpt.PRESETS["1.4b"].num_params(), 24, 2048, 50304, 2048, 9074454528)
+    cluster = job_cluster("NVIDIA H100 80GB HBM3", 79.1, 1, emulated=True)
+    expected = recommend(plan(ModelSpec.from_preset("1.4b"), cluster, 2, 4, 4, options=Strategy("mics"))).partition_size
+    assert resolve_partition_size(cfg, info, world=2, gpus_per_node=1) == expected == 1  # two-hop over sockets
+    big = gpt.ModelInfo("13b", gpt.PRESETS["13b"].num_params(), 40, 5120, 50304, 2048, 0)
+    one_node = dataclasses.replace(cfg, emulate_nodes=None, activation_checkpointing=True)
+    assert recommend_partition_size(big, one_node, 8, 8) > 1  # 13B needs sharding on 80 GB GPUs
+    with pytest.raises(ValueError, match="even at partition = world"):
+        recommend_partition_size(big, one_node, 1, 1)

@@ -7,6 +7,7 @@ a profile with ones fitted to our own benchmark results.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -28,8 +29,10 @@ class LinkClass:
 class ClusterProfile:
     """A homogeneous cluster: ``gpus_per_node`` GPUs on NVLink per node, nodes joined by a network.
 
-    ``compute_mfu`` is the fraction of ``peak_tflops`` a compute-bound step reaches without activation
-    checkpointing (model FLOPs, the usual MFU); communication the model cannot hide comes on top.
+    ``compute_mfu`` is the fraction of ``peak_tflops`` that forward and backward reach when nothing
+    waits for communication (model FLOPs, the usual MFU); the optimizer step and communication the
+    model cannot hide come on top. ``emulated``: the "nodes" are groups of one host's GPUs talking
+    through NCCL's socket transport (``torchmics train --emulate-nodes``).
     """
 
     name: str
@@ -37,19 +40,38 @@ class ClusterProfile:
     gpus_per_node: int
     peak_tflops: float  # dense bf16
     hbm_gib: float
+    hbm_tbps: float  # memory bandwidth (datasheet): the memory-bound optimizer step runs at it
     intra: LinkClass  # NVLink / NVSwitch, per GPU
     inter: LinkClass  # network, per node
     compute_mfu: float
     source: str
+    emulated: bool = False
 
     @property
     def peak_flops(self) -> float:
         return self.peak_tflops * 1e12
 
 
+def with_gpus_per_node(profile: ClusterProfile, gpus_per_node: int) -> ClusterProfile:
+    """``profile`` with nodes of ``gpus_per_node`` GPUs (a job may use fewer GPUs than a node has).
+
+    A real node keeps its network bandwidth (its NICs, whichever GPUs use them). Between emulated
+    nodes there is no NIC to share: every GPU's loopback socket connections are CPU-bound on their
+    own, so an emulated node's bandwidth grows with its GPUs.
+    """
+    inter = profile.inter
+    if profile.emulated:
+        inter = dataclasses.replace(inter, beta=inter.beta * gpus_per_node / profile.gpus_per_node)
+    return dataclasses.replace(profile, gpus_per_node=gpus_per_node, inter=inter)
+
+
 GB = 1e9
 _NVLINK_A100 = LinkClass(alpha=3e-6, beta=230 * GB)  # nccl-tests busbw, 8x A100 NVSwitch (NVIDIA/nccl#527)
+_NVLINK_H100 = LinkClass(alpha=3e-6, beta=360 * GB)  # assumption: NVLink4 busbw, 8x H100/H200 NVSwitch
 _NVLINK_MEASURED = LinkClass(alpha=3e-6, beta=237 * GB)  # DESIGN.md s7: NCCL intra-node pair, H200 host
+_NETWORK_3200 = LinkClass(alpha=10e-6, beta=320 * GB)  # assumption: 80% of 3200 Gbps, 10 us per ring step
+# Fitted by `calibrate` to the collective lines of benchmarks/results/h100-emulated-2x1 (1 to 256 MiB).
+_LOOPBACK_SOCKET = LinkClass(alpha=157e-6, beta=2.88 * GB)
 
 PROFILES: dict[str, ClusterProfile] = {
     p.name: p
@@ -60,6 +82,7 @@ PROFILES: dict[str, ClusterProfile] = {
             gpus_per_node=8,
             peak_tflops=312,
             hbm_gib=40,
+            hbm_tbps=1.555,
             intra=_NVLINK_A100,
             inter=LinkClass(alpha=20e-6, beta=30 * GB),
             compute_mfu=0.55,
@@ -74,8 +97,9 @@ PROFILES: dict[str, ClusterProfile] = {
             gpus_per_node=8,
             peak_tflops=312,
             hbm_gib=80,
+            hbm_tbps=2.039,
             intra=_NVLINK_A100,
-            inter=LinkClass(alpha=10e-6, beta=320 * GB),
+            inter=_NETWORK_3200,
             compute_mfu=0.55,
             source="8x A100-80GB nodes with 3200 Gbps (400 GB/s line rate). Assumptions: 80% of line rate "
             "achievable (InfiniBand-class), 10 us per inter-node ring step, MFU 0.55.",
@@ -86,50 +110,72 @@ PROFILES: dict[str, ClusterProfile] = {
             gpus_per_node=8,
             peak_tflops=989,
             hbm_gib=80,
-            intra=LinkClass(alpha=3e-6, beta=360 * GB),
-            inter=LinkClass(alpha=10e-6, beta=320 * GB),
-            compute_mfu=0.50,
+            hbm_tbps=3.35,
+            intra=_NVLINK_H100,
+            inter=_NETWORK_3200,
+            compute_mfu=0.476,
             source="8x H100 nodes with 3200 Gbps (p5 / DGX H100). Assumptions: NVLink4 busbw 360 GB/s, 80% "
-            "of the 400 GB/s line rate, 10 us per inter-node ring step; MFU 0.50 as we measured on H100 "
-            "(DESIGN.md s7).",
+            "of the 400 GB/s line rate, 10 us per inter-node ring step. MFU 0.476 is calibrated on our "
+            "2x H100 NVLink runs (benchmarks/results/h100-nvlink-1x2).",
         ),
         ClusterProfile(
+            name="h200-3200",
+            gpu="H200",
+            gpus_per_node=8,
+            peak_tflops=989,
+            hbm_gib=140,
+            hbm_tbps=4.8,
+            intra=_NVLINK_H100,
+            inter=_NETWORK_3200,
+            compute_mfu=0.51,
+            source="8x H200 nodes with 3200 Gbps. Assumptions as h100-3200 (same NVLink4 and network); MFU "
+            "0.51 as measured on NVLink on our H200 host (DESIGN.md s7).",
+        ),
+        ClusterProfile(  # kept as measured: the H200 host's sockets were slower than the H100 host's
             name="emulated-h200",
             gpu="H200",
             gpus_per_node=2,
             peak_tflops=989,
             hbm_gib=140,
+            hbm_tbps=4.8,
             intra=_NVLINK_MEASURED,
-            inter=LinkClass(alpha=50e-6, beta=5.4 * GB),
+            inter=LinkClass(alpha=_LOOPBACK_SOCKET.alpha, beta=2 * 2.7 * GB),
             compute_mfu=0.51,
+            emulated=True,
             source="Our 4x H200 host as 2 emulated nodes x 2 GPUs (NCCL Socket over loopback between nodes). "
             "Measured (DESIGN.md s7): intra-node busbw 237 GB/s, cross-node pair 2.7 GB/s, MFU 0.51 on "
             "NVLink. Loopback sockets share no NIC (each GPU's connections are CPU-bound), so a node "
-            "moves 2 x 2.7 GB/s. Assumption: 50 us per socket ring step. With these numbers the model "
-            "predicts HSDP 2x2 two-hop at 20.0k tok/s/GPU (measured 21.5k) and ZeRO-3 at 5.4k "
-            "(measured 7.8k).",
-        ),
-        ClusterProfile(
-            name="emulated-h100",
-            gpu="H100-SXM5-80GB",
-            gpus_per_node=1,
-            peak_tflops=989,
-            hbm_gib=80,
-            intra=_NVLINK_MEASURED,
-            inter=LinkClass(alpha=50e-6, beta=2.2 * GB),
-            compute_mfu=0.50,
-            source="Our 2x H100 machine as 2 emulated nodes x 1 GPU. Measured (DESIGN.md s7): cross-node "
-            "busbw 2.2 GB/s, MFU 0.50 on NVLink. Assumptions: 50 us per socket ring step; NVLink taken "
-            "from the H200 host (unused with one GPU per node). Predicted vs measured tok/s/GPU: HSDP "
-            "shard 1 two-hop 10.2k / 11.9k (fp32 reduce), 17.5k / 20.1k (bf16); ZeRO-3 3.3k / 6.1k; "
-            "DDP 3.0k / 3.6k.",
+            "moves 2 x 2.7 GB/s. Assumption: 157 us per socket ring step, as fitted on the H100 host.",
         ),
     )
 }
 
 
+def emulated_nodes(host: ClusterProfile, name: str | None = None) -> ClusterProfile:
+    """``host``'s GPUs as emulated nodes of one GPU each (regroup with :func:`with_gpus_per_node`).
+
+    Between emulated nodes NCCL uses its socket transport over loopback: the link fitted by
+    ``calibrate`` to our H100 host's collective lines (CPU-bound; another host's CPUs may differ).
+    """
+    return dataclasses.replace(
+        host,
+        name=name or f"emulated-{host.name}",
+        gpus_per_node=1,
+        inter=_LOOPBACK_SOCKET,
+        emulated=True,
+        source=f"{host.gpu} GPUs of one host as emulated nodes: NCCL socket over loopback between them, "
+        f"alpha {_LOOPBACK_SOCKET.alpha * 1e6:.0f} us and busbw {_LOOPBACK_SOCKET.beta / GB:.2f} GB/s per GPU, "
+        f"fitted to the collective lines of benchmarks/results/h100-emulated-2x1. Compute and NVLink as "
+        f"{host.name}: {host.source}",
+    )
+
+
+_emulated_h100 = emulated_nodes(PROFILES["h100-3200"], name="emulated-h100")
+PROFILES[_emulated_h100.name] = _emulated_h100
+
+
 def get_profile(name: str) -> ClusterProfile:
     """The shipped profile called ``name``, or a ``ValueError`` listing them."""
     if name not in PROFILES:
-        raise ValueError(f"unknown cluster profile {name!r}; known: {sorted(PROFILES)}")
+        raise ValueError(f"unknown cluster profile {name!r}; known: {', '.join(sorted(PROFILES))}")
     return PROFILES[name]

@@ -2,7 +2,9 @@
 
 Collectives are NCCL rings. A ring over ``p`` ranks takes ``p-1`` steps; each step pays the latency
 ``alpha`` of its slowest hop and moves ``1/p`` of the message, so
-``t = (p-1)*alpha + (p-1)/p * bytes / beta`` (twice that for an all-reduce). Three placements:
+``t = (p-1)*alpha + (p-1)/p * bytes / beta`` (twice that for an all-reduce). Charging every step the
+slowest hop's latency is an upper bound: NCCL pipelines chunks round the ring, so a topology-aware
+ring pays the network's latency only on its node-crossing hops. Three placements:
 
 * inside a node: NVLink, per-GPU bandwidth;
 * a flat ring spanning nodes: NCCL enters and leaves every node once per channel, so each node's
@@ -12,13 +14,19 @@ Collectives are NCCL rings. A ring over ``p`` ranks takes ``p-1`` steps; each st
   at once (each on 1/k of the node's bandwidth), then an intra-node ring. Network volume per node
   drops only from ``(p-1)/p`` to ``(m-1)/m`` of the unit, but there are ``m-1`` network steps, not ``p-1``.
 
-Replication all-reduces (MiCS, DDP) run ``min(P, k)`` groups per node at once, sharing its network.
+Replication all-reduces (MiCS, DDP) run ``min(P, k)`` groups per node at once, sharing its network,
+one unit at a time as each unit's gradients are ready (FSDP2 HSDP per unit, DDP per bucket).
 
-Overlap follows FSDP2's prefetching: the forward all-gathers hide behind forward compute, and the
-backward all-gathers, reduce-scatters and replica all-reduce behind backward compute (plus the
-recomputed forward under activation checkpointing); each phase costs ``max(compute, comm)``. What
-cannot be hidden is the first unit's all-gather and the last unit's reduction. The model ignores the
-optimizer step (memory-bound, ~1% of a step) and contention between concurrent streams.
+Overlap follows FSDP2's prefetching, unit by unit (:func:`pipelined`): the blocks' forward all-gathers
+overlap forward compute, and their backward all-gathers, reduce-scatters and replica all-reduces
+overlap backward compute (plus the recomputed forward under activation checkpointing). The root unit
+(embeddings and head) cannot hide: its all-gather comes before any compute, its reduction after all
+of it. The optimizer step, memory-bound at the GPU's HBM bandwidth, comes last. Contention between
+concurrent streams is ignored (compute slowed by NCCL kernels, collectives of two process groups
+sharing a link).
+
+Checked against every run in ``benchmarks/results/`` (``tests/test_plan.py``, calibrated profiles):
+within 15% of the measured tokens/s per GPU on NVLink and on emulated nodes.
 """
 
 from __future__ import annotations
@@ -60,11 +68,23 @@ def replica_all_reduce_time(nbytes: float, world: int, partition: int, cluster: 
     return ring_time(replicas, nbytes, cluster.inter, passes=2, sharers=min(partition, k))
 
 
+# Fused AdamW on fp32 states: reads parameter, gradient and two moments, writes parameter and moments.
+ADAMW_BYTES_PER_PARAM = 7 * 4
+
+
+def optimizer_time(model: ModelSpec, strategy: Strategy, world: int, cluster: ClusterProfile) -> float:
+    """The optimizer step over this GPU's shard: memory-bound, and nothing is left to hide it behind."""
+    p = strategy.partition(world, cluster.gpus_per_node)
+    shards = world if strategy.replica_sharded_optimizer else p
+    return ADAMW_BYTES_PER_PARAM * model.num_params / shards / (cluster.hbm_tbps * 1e12)
+
+
 @dataclass(frozen=True)
 class StepCost:
     """Seconds per optimizer step, by component (communication totals before overlap)."""
 
     compute: float
+    optimizer: float
     all_gather: float
     reduce_scatter: float
     all_reduce: float
@@ -74,8 +94,17 @@ class StepCost:
 
     @property
     def exposed_comm(self) -> float:
-        """Communication the step waits for: everything above pure compute."""
-        return self.total - self.compute
+        """Communication the step waits for: everything above compute and the optimizer step."""
+        return self.total - self.compute - self.optimizer
+
+
+def pipelined(units: int, comm: float, compute: float) -> float:
+    """``units`` units whose collectives (one stream) overlap the compute of their neighbours.
+
+    A two-stage pipeline: the slower stage sets the pace, and one unit of the faster stage sticks out
+    at an end (the first gather before any compute, or the last compute before the last reduction).
+    """
+    return units * max(comm, compute) + min(comm, compute)
 
 
 def step_time(
@@ -87,33 +116,44 @@ def step_time(
     accum: int = 1,
     activation_checkpointing: bool = False,
 ) -> StepCost:
-    """Predicted time of one optimizer step of ``accum`` micro-batches of ``micro_batch`` sequences."""
-    world = nodes * cluster.gpus_per_node
-    p = strategy.partition(world, cluster.gpus_per_node)
+    """Predicted time of one optimizer step of ``accum`` micro-batches of ``micro_batch`` sequences.
+
+    Per micro-step, FSDP2's units are the root (embeddings and head: gathered once, before forward, and
+    reduced last, after backward, with nothing left to hide either behind) and ``n_layer`` blocks (each
+    gathered in forward and again in backward, then reduced and, with a replica all-reduce, synced).
+    """
+    world, k = nodes * cluster.gpus_per_node, cluster.gpus_per_node
+    p = strategy.partition(world, k)
     tokens = micro_batch * model.seq_len
     forward = tokens * model.flops_per_token / 3 / (cluster.peak_flops * cluster.compute_mfu)
     backward = 2 * forward + (forward if activation_checkpointing else 0.0)
+    layers = model.n_layer
 
-    ag = rs = 0.0  # per micro-step, all units
-    if strategy.kind != "ddp":
-        unit = model.layer_params
-        ag = model.n_layer * shard_collective_time(unit * strategy.param_bytes, p, cluster, strategy.hierarchical)
-        rs = model.n_layer * shard_collective_time(unit * strategy.reduce_bytes, p, cluster, strategy.hierarchical)
-    ar = replica_all_reduce_time(model.num_params * strategy.reduce_bytes / p, world, p, cluster)
+    def collectives(params: int) -> tuple[float, float, float]:
+        """(all-gather, reduce-scatter, replica all-reduce) seconds of one unit of ``params``."""
+        gather = shard_collective_time(params * strategy.param_bytes, p, cluster, strategy.hierarchical)
+        scatter = shard_collective_time(params * strategy.reduce_bytes, p, cluster, strategy.hierarchical)
+        return gather, scatter, replica_all_reduce_time(params * strategy.reduce_bytes / p, world, p, cluster)
 
-    def micro_step(all_reduce: float) -> float:
-        backward_comm = ag + rs + all_reduce
-        exposed = backward_comm / model.n_layer  # one unit's worth: the first gather, the last reduction
-        return max(forward, ag) + max(backward, backward_comm) + exposed
+    ag, rs, ar = collectives(model.layer_params)
+    ag_root, rs_root, ar_root = collectives(model.embedding_params)
 
-    ar_micro_steps = 1 if strategy.two_hop else accum
-    total = (accum - ar_micro_steps) * micro_step(0.0) + ar_micro_steps * micro_step(ar)
+    def micro_step(synced: bool) -> float:
+        forward_time = ag_root + pipelined(layers, ag, forward / layers)
+        backward_comm = ag + rs + (ar if synced else 0.0)
+        backward_time = pipelined(layers, backward_comm, backward / layers)
+        return forward_time + backward_time + rs_root + (ar_root if synced else 0.0)
+
+    synced_steps = 1 if strategy.two_hop else accum
+    optimizer = optimizer_time(model, strategy, world, cluster)
+    total = (accum - synced_steps) * micro_step(False) + synced_steps * micro_step(True) + optimizer
     tps = tokens * accum / total
     return StepCost(
         compute=accum * (forward + backward),
-        all_gather=accum * 2 * ag,
-        reduce_scatter=accum * rs,
-        all_reduce=ar_micro_steps * ar,
+        optimizer=optimizer,
+        all_gather=accum * (ag_root + 2 * layers * ag),
+        reduce_scatter=accum * (rs_root + layers * rs),
+        all_reduce=synced_steps * (ar_root + layers * ar),
         total=total,
         tokens_per_s_per_gpu=tps,
         mfu=tps * model.flops_per_token / cluster.peak_flops,

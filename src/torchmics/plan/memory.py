@@ -2,23 +2,32 @@
 
 MiCS shards the model states (parameters, gradients, optimizer states) inside a partition group of
 P GPUs only, so they cost 1/P of the model per GPU; everything else (gathered units in flight,
-activations, logits) does not depend on P. The estimate follows FSDP2 with mixed precision:
+activations, logits) does not depend on P. The peak is at the start of backward, with every activation
+still held; the estimate follows FSDP2 with mixed precision and ``zero_grad(set_to_none=True)``:
 
-* sharded parameters and gradients stay fp32 (4 + 4 bytes per parameter), AdamW adds two fp32
-  moments (8 bytes): 16 bytes per parameter, divided by P;
-* FSDP2 keeps the root unit (the embedding) gathered during forward and holds the current block plus
-  one prefetched block in ``param_bytes``; backward adds one block's unsharded gradient, produced in
-  ``param_bytes`` and cast to ``reduce_bytes`` for the reduce-scatter;
+* sharded parameters stay fp32 (4 bytes per parameter) and AdamW adds two fp32 moments (8 bytes),
+  divided by P;
+* gradients exist at that peak only under accumulation (they are freed after every optimizer step):
+  fp32 shards, except while two-hop sync defers the replica all-reduce, when FSDP2 accumulates the
+  partial reduce-scatter output in ``reduce_bytes``. Without accumulation they only count where the
+  end of backward (all gradients, no activations) is the higher point;
+* FSDP2 keeps the root unit (embeddings and head) gathered during forward and holds the current block
+  plus one prefetched block in ``param_bytes``; backward adds one block's unsharded gradient, produced
+  in ``param_bytes`` and cast to ``reduce_bytes`` for the reduce-scatter;
 * activations per block follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
   Transformer Models", Eq. 1 without tensor parallelism): ``s*b*d*(34 + 5*a*s/d)`` bytes at 16 bits,
   where the ``5*a*s/d`` attention-score term vanishes with flash attention (PyTorch SDPA). With
   activation checkpointing only each block's input (``2*s*b*d``) is kept, plus one block recomputed;
-* the loss materialises fp32 logits ``b*s*vocab*4``;
+* the fp32 loss: the log-softmax output it saves, the gradient arriving at it and the one leaving it,
+  three times ``b*s*vocab*4`` when backward starts;
+* DDP keeps fp32 parameters and its gradient buckets (another fp32 copy), and computes under autocast:
+  its cast cache holds a ``param_bytes`` copy of every weight until backward, and the residual stream
+  stays fp32, so each block's two layer-norm inputs take 4 bytes, not 2;
 * a fixed ``overhead_bytes`` stands for the CUDA context, NCCL buffers and allocator fragmentation
   (assumption: 1 GiB).
 
-Checked against DESIGN.md section 7 (GPT 1.4B preset, 4 GPUs, micro-batch 4, seq 2048): FSDP2 full
-shard estimates 21.3 GiB (measured 21.1), DDP 41.7 GiB (measured 41.8).
+Checked against every run in ``benchmarks/results/`` (``tests/test_plan.py``): within 15% of
+``torch.cuda.max_memory_allocated`` (which counts tensors only, so without the overhead).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from torchmics.plan.strategy import Strategy
 GIB = 1024**3
 MASTER_BYTES = 4  # fp32 sharded parameters and gradients (FSDP2 keeps the original dtype)
 ADAM_BYTES = 8  # two fp32 moments
+LOSS_COPIES = 3  # fp32 logits-sized tensors alive when backward starts
 DEFAULT_OVERHEAD = 1 * GIB
 
 
@@ -64,27 +74,46 @@ def estimate_memory(
     activation_checkpointing: bool = False,
     flash_attention: bool = True,
     overhead_bytes: float = DEFAULT_OVERHEAD,
+    accum: int = 1,
 ) -> MemoryEstimate:
     """Peak bytes per GPU for ``strategy`` on ``world_size`` GPUs (``gpus_per_node`` per node)."""
     p = strategy.partition(world_size, gpus_per_node)
     n = model.num_params
     optimizer_shards = world_size if strategy.replica_sharded_optimizer else p
     activations = activation_bytes(model, micro_batch, activation_checkpointing, flash_attention)
+    activations = activations * strategy.param_bytes / 2  # the formula counts 16-bit activations
+    if _computes_under_autocast(strategy):  # fp32 residual: 2 more bytes per layer-norm input / kept input
+        per_block = (1 if activation_checkpointing else 2) * 2 * micro_batch * model.seq_len * model.d_model
+        activations += model.n_layer * per_block
+    logits = LOSS_COPIES * micro_batch * model.seq_len * model.vocab_size * 4
+    if accum > 1:
+        deferred = strategy.kind != "ddp" and strategy.two_hop and world_size > p  # FSDP2's partial output
+        held = (strategy.reduce_bytes if deferred else MASTER_BYTES) * n / p
+    else:
+        held = max(0.0, MASTER_BYTES * n / p - activations - logits)  # end of backward, if higher
     return MemoryEstimate(
         params=MASTER_BYTES * n / p,
-        grads=MASTER_BYTES * n / p * (2 if strategy.kind == "ddp" else 1),  # DDP: + its bucket copies
+        grads=held + (MASTER_BYTES * n if strategy.kind == "ddp" else 0.0),  # DDP: + its buckets
         optimizer=ADAM_BYTES * n / optimizer_shards,
         gathered=_gathered_bytes(model, strategy),
-        activations=activations * strategy.param_bytes / 2,  # the formula counts 16-bit activations
-        logits=micro_batch * model.seq_len * model.vocab_size * 4,
+        activations=activations,
+        logits=logits,
         overhead=overhead_bytes,
     )
 
 
+def _computes_under_autocast(strategy: Strategy) -> bool:
+    """DDP never casts its fp32 parameters: low-precision compute comes from autocast."""
+    return strategy.kind == "ddp" and strategy.param_bytes < MASTER_BYTES
+
+
 def _gathered_bytes(model: ModelSpec, strategy: Strategy) -> float:
-    """Unsharded units in flight: root + current + prefetched block, and one block's full gradient."""
+    """Unsharded units in flight: root + current + prefetched block, and one block's full gradient.
+
+    DDP gathers nothing; under autocast the cast cache holds a low-precision copy of every weight.
+    """
     if strategy.kind == "ddp":
-        return 0.0  # parameters are never sharded, so nothing is gathered
+        return strategy.param_bytes * model.num_params if _computes_under_autocast(strategy) else 0.0
     params = strategy.param_bytes * (model.embedding_params + 2 * model.layer_params)
     cast = strategy.param_bytes if strategy.reduce_bytes != strategy.param_bytes else 0
     return params + (strategy.reduce_bytes + cast) * model.layer_params

@@ -7,7 +7,9 @@ so a ``ModelSpec`` can describe a model that was never built: one of our GPT pre
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Hugging Face decoders with a SiLU activation (LLaMA, Mistral, Qwen) use a gated MLP: three matrices.
@@ -16,7 +18,11 @@ _GATED_ACTIVATIONS = ("silu", "swiglu")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Sizes of a decoder-only transformer; ``num_params`` counts every trainable parameter."""
+    """Sizes of a decoder-only transformer; ``num_params`` counts every trainable parameter.
+
+    ``lookup_params`` are parameters only ever indexed, never multiplied: an input embedding that is
+    not tied to the output head, learned positions. They cost memory and communication but no FLOPs.
+    """
 
     num_params: int
     n_layer: int
@@ -24,20 +30,26 @@ class ModelSpec:
     seq_len: int
     vocab_size: int
     n_head: int
+    lookup_params: int = 0
 
     @property
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward): 6N for the matmuls plus attention scores.
+        """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention scores.
 
-        The attention term is 12 * n_layer * d_model * seq_len (Kaplan et al. / PaLM's MFU convention);
-        it is what MFU is measured against, so recomputation is *not* included here.
+        The PaLM / Megatron-LM accounting that ``torchmics bench`` reports MFU against: lookup tables
+        do no arithmetic, and the attention term is 12 * n_layer * d_model * seq_len. Recomputation is
+        *not* included, so MFU stays comparable with and without activation checkpointing.
         """
-        return 6 * self.num_params + 12 * self.n_layer * self.d_model * self.seq_len
+        matmul_params = self.num_params - self.lookup_params
+        return 6 * matmul_params + 12 * self.n_layer * self.d_model * self.seq_len
 
     @property
     def embedding_params(self) -> int:
-        """Token embedding; FSDP2 keeps it in the root unit, gathered for the whole forward."""
-        return self.vocab_size * self.d_model
+        """Parameters outside the blocks: the lookup tables plus the output head (one matrix when tied).
+
+        FSDP2 keeps them in the root unit, gathered once per micro-step for the whole forward.
+        """
+        return self.vocab_size * self.d_model + self.lookup_params
 
     @property
     def layer_params(self) -> int:
@@ -74,6 +86,7 @@ class ModelSpec:
         vocab_size = _first(config, "vocab_size")
         ffn = config.get("intermediate_size") or config.get("n_inner") or 4 * d_model
         kv_dim = d_model * config.get("num_key_value_heads", n_head) // n_head
+        tied = config.get("tie_word_embeddings", True)
         num_params = _decoder_params(
             n_layer,
             d_model,
@@ -81,9 +94,20 @@ class ModelSpec:
             ffn=ffn,
             kv_dim=kv_dim,
             gated=config.get("hidden_act", "") in _GATED_ACTIVATIONS,
-            tied=config.get("tie_word_embeddings", True),
+            tied=tied,
         )
-        return cls(num_params, n_layer, d_model, seq_len, vocab_size, n_head)
+        return cls(num_params, n_layer, d_model, seq_len, vocab_size, n_head, 0 if tied else vocab_size * d_model)
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelSpec:
+        """What ``torchmics train --model`` accepts: a preset, or ``hf:`` and a ``config.json`` (or its folder)."""
+        if not name.startswith("hf:"):
+            return cls.from_preset(name)
+        path = Path(name.removeprefix("hf:"))
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ValueError(f"{name}: {path} does not exist (expected a config.json or a folder holding one)")
+        return cls.from_hf_config(json.loads(path.read_text()))
 
     @classmethod
     def from_preset(cls, name: str) -> ModelSpec:
@@ -97,7 +121,8 @@ class ModelSpec:
             known = sorted([*PAPER_MODELS, *gpt.PRESETS])
             raise ValueError(f"unknown model preset {name!r}; known presets: {known}")
         cfg = gpt.PRESETS[name]
-        return cls(cfg.num_params(), cfg.n_layer, cfg.d_model, cfg.seq_len, cfg.vocab_size, cfg.n_head)
+        lookups = cfg.seq_len * cfg.d_model + (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+        return cls(cfg.num_params(), cfg.n_layer, cfg.d_model, cfg.seq_len, cfg.vocab_size, cfg.n_head, lookups)
 
 
 def _decoder_params(
@@ -121,7 +146,7 @@ def _first(config: dict[str, Any], *keys: str) -> int:
     for key in keys:
         if key in config:
             return int(config[key])
-    raise KeyError(f"config has none of {keys}; is it a decoder-only transformer config?")
+    raise ValueError(f"config has none of {keys}; is it a decoder-only transformer config?")
 
 
 PAPER_MODELS: dict[str, ModelSpec] = {

@@ -54,7 +54,7 @@ def evaluate(
         strategy=strategy,
         label=strategy.label(world, k),
         partition_size=strategy.partition(world, k),
-        memory=estimate_memory(model, strategy, world, k, micro_batch, activation_checkpointing),
+        memory=estimate_memory(model, strategy, world, k, micro_batch, activation_checkpointing, accum=accum),
         budget=cluster.hbm_gib * GIB * memory_fraction,
         cost=step_time(model, cluster, nodes, strategy, micro_batch, accum, activation_checkpointing),
     )
@@ -94,15 +94,43 @@ def recommend(candidates: list[Candidate]) -> Candidate:
     """
     fitting = [c for c in candidates if c.fits]
     if not fitting:
-        widest = max(candidates, key=lambda c: c.partition_size)
-        raise ValueError(
-            f"the model needs {widest.memory.total_gib:.1f} GiB per GPU even at partition = world "
-            f"({widest.partition_size} GPUs; {widest.budget / GIB:.1f} GiB usable per GPU); use more "
-            f"GPUs, activation checkpointing, or a smaller micro-batch"
-        )
+        raise nothing_fits(candidates)
     best = max(c.cost.tokens_per_s_per_gpu for c in fitting)
     near = [c for c in fitting if c.cost.tokens_per_s_per_gpu >= (1 - TIE) * best]
     return min(near, key=lambda c: (c.partition_size, -c.cost.tokens_per_s_per_gpu))
+
+
+def nothing_fits(candidates: list[Candidate]) -> ValueError:
+    """The error for a model no candidate fits: what the widest partition still needs, and what helps."""
+    widest = max(candidates, key=lambda c: c.partition_size)
+    return ValueError(
+        f"the model needs {widest.memory.total_gib:.1f} GiB per GPU even at partition = world "
+        f"({widest.partition_size} GPUs; {widest.budget / GIB:.1f} GiB usable per GPU); use more "
+        f"GPUs, activation checkpointing, or a smaller micro-batch"
+    )
+
+
+def explain(candidates: list[Candidate], chosen: Candidate) -> str:
+    """Why :func:`recommend` chose ``chosen``, in a sentence: what does not fit, and how fast it is."""
+    reasons = []
+    unfit = sorted({c.partition_size for c in candidates if not c.fits})
+    if unfit:
+        needs = max((c for c in candidates if not c.fits), key=lambda c: c.partition_size).memory.total_gib
+        reasons.append(
+            f"P = {', '.join(map(str, unfit))} do not fit in {chosen.budget / GIB:.1f} GiB usable per GPU "
+            f"(P = {unfit[-1]} needs {needs:.1f} GiB)"
+        )
+    fastest = max((c for c in candidates if c.fits), key=lambda c: c.cost.tokens_per_s_per_gpu)
+    speed = f"{chosen.cost.tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
+    if fastest is chosen:
+        reasons.append(f"it is the fastest that fits ({speed})")
+    else:
+        reasons.append(
+            f"it predicts {speed}, within {TIE:.0%} of the fastest ({fastest.label}: "
+            f"{fastest.cost.tokens_per_s_per_gpu:,.0f}), and among near-ties the smallest partition keeps "
+            f"collectives on the fewest GPUs"
+        )
+    return "; ".join(reasons) + "."
 
 
 def render_table(candidates: list[Candidate], highlight: Candidate | None = None) -> str:

@@ -17,8 +17,9 @@ scaling but not the size of its lead over ZeRO-3, which physics the model has ca
 With micro-batch 4, accumulation 4, bf16 reduction and checkpointing, ZeRO-3 keeps 87% from 128 to
 512 GPUs and MiCS (P=64) 99%, 1.18x ZeRO-3. The paper's gap needs ZeRO-3 to pay latency far more
 often: with 50 us per step ZeRO-3 keeps 75% (MiCS 1.45x); with four collectives per block as well
-(DeepSpeed's per-submodule gathers) 50% and MiCS 2.8x. The paper's 2.89x headline also came from
-models whose partitions fit inside a node. The shipped p4d profile keeps what can be sourced.
+(DeepSpeed's per-submodule gathers; the same latency as 200 us per step) 50% and MiCS 2.8x. The
+paper's 2.89x headline also came from models whose partitions fit inside a node. The shipped p4d
+profile keeps what can be sourced; ``benchmarks/simulate/README.md`` gives the commands.
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ from pathlib import Path
 from torchmics.plan._table import markdown_table
 from torchmics.plan.cluster import ClusterProfile
 from torchmics.plan.model_spec import ModelSpec
-from torchmics.plan.planner import DEFAULT_MEMORY_FRACTION, DEFAULT_OPTIONS, Candidate, evaluate, plan, recommend
+from torchmics.plan.planner import (
+    DEFAULT_MEMORY_FRACTION,
+    DEFAULT_OPTIONS,
+    Candidate,
+    evaluate,
+    nothing_fits,
+    plan,
+    recommend,
+)
 from torchmics.plan.strategy import Strategy
 
 STRATEGIES = ("zero3", "mics", "ddp")
@@ -71,9 +80,13 @@ def simulate(
     options: Strategy = DEFAULT_OPTIONS,
     memory_fraction: float = DEFAULT_MEMORY_FRACTION,
 ) -> list[SimRow]:
-    """Rows for every (size, strategy) that fits, ordered by size then ``STRATEGIES``."""
+    """Rows for every (size, strategy) that fits, ordered by size then ``STRATEGIES``.
+
+    Raises ``ValueError`` for sizes that are not whole nodes, and (with the planner's explanation)
+    when nothing fits at any size.
+    """
     sizes = list(gpus or default_sizes(cluster.gpus_per_node))
-    if any(g % cluster.gpus_per_node for g in sizes):
+    if not sizes or any(g < 1 or g % cluster.gpus_per_node for g in sizes):
         raise ValueError(f"cluster sizes {sizes} must be whole nodes of {cluster.gpus_per_node} GPUs")
     args = (micro_batch, accum, activation_checkpointing)
     found: list[tuple[int, str, Candidate]] = []
@@ -83,6 +96,9 @@ def simulate(
             chosen = _simulated(kind, model, cluster, nodes, options, args, memory_fraction)
             if chosen is not None:
                 found.append((g, kind, chosen))
+    if not found:
+        widest = plan(model, cluster, max(sizes) // cluster.gpus_per_node, *args, options, memory_fraction)
+        raise ValueError(f"nothing fits at any size up to {max(sizes)} GPUs: {nothing_fits(widest)}")
     return _with_efficiency(found)
 
 
@@ -116,11 +132,9 @@ def _with_efficiency(found: list[tuple[int, str, Candidate]]) -> list[SimRow]:
     return rows
 
 
-def write_outputs(rows: list[SimRow], out_dir: str | Path, title: str = "Weak scaling (cost model)") -> list[Path]:
-    """Write ``simulate.md`` (table), ``simulate.jsonl`` (one row per line) and ``simulate.png``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(
+def render_rows(rows: list[SimRow]) -> str:
+    """The simulation as a markdown table, one row per (size, strategy)."""
+    return markdown_table(
         ["GPUs", "strategy", "P", "tok/s/GPU", "MFU", "memory GiB", "efficiency"],
         [
             [
@@ -135,8 +149,16 @@ def write_outputs(rows: list[SimRow], out_dir: str | Path, title: str = "Weak sc
             for r in rows
         ],
     )
+
+
+def write_outputs(
+    rows: list[SimRow], out_dir: str | Path, title: str = "Weak scaling (cost model)", notes: str = ""
+) -> list[Path]:
+    """Write ``simulate.md`` (title, ``notes``, table), ``simulate.jsonl`` (one row a line), ``simulate.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     paths = [out / "simulate.md", out / "simulate.jsonl", out / "simulate.png"]
-    paths[0].write_text(f"# {title}\n\n{table}\n")
+    paths[0].write_text(f"# {title}\n\n" + (f"{notes}\n\n" if notes else "") + f"{render_rows(rows)}\n")
     paths[1].write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in rows))
     _plot(rows, title, paths[2])
     return paths

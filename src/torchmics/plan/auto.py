@@ -1,0 +1,83 @@
+"""``torchmics train --partition-size auto`` on GPUs: the planner's choice for this machine and job.
+
+The job knows its model, micro-batch, accumulation and precision; the cluster is read off the local
+GPU. Only memory is measured there (``total_memory``): compute, links and network come from the shipped
+profile of that GPU model, and between emulated nodes from the socket link measured on our own host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import TYPE_CHECKING
+
+from torchmics.plan.cluster import (
+    PROFILES,
+    ClusterProfile,
+    emulated_nodes,
+    with_gpus_per_node,
+)
+from torchmics.plan.memory import GIB
+from torchmics.plan.model_spec import ModelSpec
+from torchmics.plan.planner import plan, recommend
+from torchmics.plan.strategy import Strategy
+
+if TYPE_CHECKING:  # planning stays importable without building models
+    from torchmics.models import ModelInfo
+    from torchmics.train.config import TrainConfig
+
+A100_80GB_ABOVE_GIB = 48  # between the 40 GB and 80 GB parts, whatever the driver reserves
+UNKNOWN_GPU_STAND_IN = "a100-80gb-3200"
+
+
+def recommend_partition_size(info: ModelInfo, cfg: TrainConfig, world: int, gpus_per_node: int) -> int:
+    """The planner's partition size for ``info`` trained as ``cfg`` on ``world`` local-GPU-type ranks.
+
+    Raises ``ValueError`` (the planner's message) when no partition size fits in memory.
+    """
+    import torch
+
+    memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    emulated = (cfg.emulate_nodes or 1) > 1
+    cluster = job_cluster(torch.cuda.get_device_name(0), memory_gib, gpus_per_node, emulated)
+    options = Strategy("mics", param_bytes=2 if cfg.mixed_precision == "bf16" else 4, reduce_bytes=4)
+    model = dataclasses.replace(ModelSpec.from_name(info.name), num_params=info.num_params, seq_len=info.seq_len)
+    nodes = world // gpus_per_node
+    candidates = plan(model, cluster, nodes, cfg.micro_batch, cfg.accum, cfg.activation_checkpointing, options)
+    return recommend(candidates).partition_size
+
+
+def job_cluster(device_name: str, memory_gib: float, gpus_per_node: int, emulated: bool) -> ClusterProfile:
+    """The cluster a job on ``device_name`` GPUs runs on: nodes of ``gpus_per_node``, real or emulated.
+
+    Emulated nodes (``--emulate-nodes``) talk through NCCL's socket transport, not the GPU's usual
+    network, so they get the socket link instead of the profile's.
+    """
+    host = gpu_profile(device_name, memory_gib)
+    return with_gpus_per_node(emulated_nodes(host) if emulated else host, gpus_per_node)
+
+
+def gpu_profile(device_name: str, memory_gib: float) -> ClusterProfile:
+    """The shipped profile of this GPU model, with the memory the device reports.
+
+    A GPU no profile describes gets an A100-80GB-class stand-in for compute, memory bandwidth, NVLink
+    and network (stated in its ``source``): the partition size mostly follows memory, which is read
+    off the device, while the speed estimates of such a profile are rough.
+    """
+    if "H200" in device_name:
+        name = "h200-3200"
+    elif "H100" in device_name:
+        name = "h100-3200"
+    elif "A100" in device_name:
+        name = "a100-80gb-3200" if memory_gib > A100_80GB_ABOVE_GIB else "p4d"
+    else:
+        stand_in = PROFILES[UNKNOWN_GPU_STAND_IN]
+        return dataclasses.replace(
+            stand_in,
+            name="local-" + re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-"),
+            gpu=device_name,
+            hbm_gib=memory_gib,
+            source=f"Unknown GPU {device_name!r}: {memory_gib:.1f} GiB as the device reports; everything "
+            f"else assumed as {stand_in.name} ({stand_in.peak_tflops:.0f} TFLOPS at MFU {stand_in.compute_mfu}).",
+        )
+    return dataclasses.replace(PROFILES[name], hbm_gib=memory_gib)

@@ -1,0 +1,178 @@
+"""`torchmics plan` and `torchmics simulate`: the planner and the weak-scaling simulator on the command line.
+
+Both describe a model (a preset, a Hugging Face ``config.json``, or a bare shape), a cluster (a shipped
+profile, optionally calibrated on ``torchmics bench`` results) and a training setting, and print
+markdown, so that ``> file.md`` keeps a readable, committed record of the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from torchmics.plan.calibrate import calibrate
+from torchmics.plan.cluster import ClusterProfile, get_profile, with_gpus_per_node
+from torchmics.plan.model_spec import ModelSpec
+from torchmics.plan.planner import (
+    DEFAULT_MEMORY_FRACTION,
+    explain,
+    plan,
+    recommend,
+    render_table,
+)
+from torchmics.plan.records import DTYPE_BYTES
+from torchmics.plan.simulate import default_sizes, render_rows, simulate, write_outputs
+from torchmics.plan.strategy import Strategy
+
+SHAPE_FLAGS = ("params", "layers", "d_model")  # a bare shape needs all three
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register both subcommands: they share the model, cluster and training flags."""
+    p = subparsers.add_parser(
+        "plan",
+        help="choose the partition size: memory and predicted speed of every candidate",
+        description="Evaluates every node-aligned partition size (flat and hierarchical where a group "
+        "spans nodes) with the memory and cost models, and recommends one.",
+    )
+    _add_common(p, default_cluster="h100-3200")
+    p.add_argument("--nodes", type=positive_int, required=True, help="nodes of --gpus-per-node GPUs")
+    p.set_defaults(run=run_plan)
+
+    s = subparsers.add_parser(
+        "simulate",
+        help="predict weak scaling of ZeRO-3, MiCS and DDP past the cluster you have",
+        description="Tokens/s per GPU and scaling efficiency from one node to --max-gpus GPUs, by the "
+        "cost model; MiCS uses the planner's partition size at every size.",
+    )
+    _add_common(s, default_cluster="p4d")
+    s.add_argument("--max-gpus", type=positive_int, default=1024)
+    s.add_argument("--gpus", type=cluster_sizes, default=None, help="comma-separated sizes (default: powers of two)")
+    s.add_argument("--out", default=None, help="output folder (default benchmarks/simulate/<cluster>-<model>)")
+    s.set_defaults(run=run_simulate)
+
+
+def _add_common(p: argparse.ArgumentParser, default_cluster: str) -> None:
+    model = p.add_argument_group("model: --model, or a bare shape (--params, --layers, --d-model)")
+    model.add_argument("--model", default=None, help="preset name (mics-100b, 1.4b, ...) or hf:<config.json>")
+    model.add_argument("--params", type=float, default=None, help="parameter count, e.g. 13e9")
+    model.add_argument("--layers", type=positive_int, default=None)
+    model.add_argument("--d-model", type=positive_int, default=None)
+    model.add_argument("--heads", type=positive_int, default=None, help="default: d_model / 128")
+    model.add_argument("--vocab-size", type=positive_int, default=50304)
+    model.add_argument("--seq-len", type=positive_int, default=None, help="default: the model's (2048 for a shape)")
+    cluster = p.add_argument_group("cluster")
+    cluster.add_argument("--cluster", default=default_cluster, help="a profile of torchmics.plan.PROFILES")
+    cluster.add_argument("--gpus-per-node", type=positive_int, default=None, help="default: the profile's")
+    cluster.add_argument("--calibrate", action="append", default=[], metavar="RESULTS_JSONL",
+                         help="fit links and MFU to `torchmics bench` results (repeatable, applied in order)")
+    cluster.add_argument("--network-latency-us", type=float, default=None,
+                         help="override the network's latency per ring step (a what-if)")
+    train = p.add_argument_group("training")
+    train.add_argument("--micro-batch", type=positive_int, default=4, help="sequences per GPU per micro-step")
+    train.add_argument("--accum", type=positive_int, default=1, help="micro-steps per optimizer step")
+    train.add_argument("--activation-checkpointing", action="store_true")
+    train.add_argument("--param-dtype", choices=tuple(DTYPE_BYTES), default="bf16")
+    train.add_argument("--reduce-dtype", choices=tuple(DTYPE_BYTES), default="fp32")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: sizes and counts of zero would only fail later, less clearly."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def cluster_sizes(text: str) -> list[int]:
+    """An argparse type for ``--gpus 64,128,256``."""
+    return [positive_int(size) for size in text.split(",")]
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[str, ModelSpec]:
+    """(a name for titles, the spec) from ``--model`` or the bare-shape flags; exactly one of them."""
+    shape = [getattr(args, flag) for flag in SHAPE_FLAGS]
+    if args.model is not None and any(v is not None for v in shape):
+        raise ValueError("give either --model or a bare shape (--params, --layers, --d-model), not both")
+    if args.model is not None:
+        spec, name = ModelSpec.from_name(args.model), _short_name(args.model)
+    elif all(v is not None for v in shape):
+        heads = args.heads or max(1, args.d_model // 128)
+        params = int(args.params)
+        spec = ModelSpec.from_shape(args.layers, args.d_model, heads, 2048, args.vocab_size, num_params=params)
+        name = f"{args.params / 1e9:g}b"
+    else:
+        raise ValueError("describe the model: --model PRESET|hf:config.json, or --params N --layers L --d-model D")
+    return name, dataclasses.replace(spec, seq_len=args.seq_len or spec.seq_len)
+
+
+def _short_name(model: str) -> str:
+    """``hf:models/llama/config.json`` -> ``llama``; a preset stays as it is."""
+    if not model.startswith("hf:"):
+        return model
+    path = Path(model.removeprefix("hf:"))
+    return (path.parent.name if path.suffix == ".json" else path.name) or "hf"
+
+
+def cluster_from_args(args: argparse.Namespace) -> ClusterProfile:
+    """The named profile, regrouped to ``--gpus-per-node``, then calibrated, then any what-if applied."""
+    profile = get_profile(args.cluster)
+    if args.gpus_per_node is not None:
+        profile = with_gpus_per_node(profile, args.gpus_per_node)
+    for path in args.calibrate:
+        profile = calibrate(profile, path)
+    if args.network_latency_us is not None:
+        inter = dataclasses.replace(profile.inter, alpha=args.network_latency_us * 1e-6)
+        profile = dataclasses.replace(profile, name=f"{profile.name}-latency{args.network_latency_us:g}us", inter=inter)
+    return profile
+
+
+def options_from_args(args: argparse.Namespace) -> Strategy:
+    """Precision shared by every candidate (two-hop sync on, as torchmics runs it)."""
+    return Strategy("mics", param_bytes=DTYPE_BYTES[args.param_dtype], reduce_bytes=DTYPE_BYTES[args.reduce_dtype])
+
+
+def setting(args: argparse.Namespace, model: ModelSpec, cluster: ClusterProfile) -> str:
+    """The lines above a table: what was modelled, and where the cluster's numbers come from."""
+    training = (
+        f"micro-batch {args.micro_batch} x {model.seq_len} tokens, accumulation {args.accum}, "
+        f"{args.param_dtype} params, {args.reduce_dtype} gradient reduction, two-hop sync"
+        + (", activation checkpointing" if args.activation_checkpointing else "")
+    )
+    return "\n".join([
+        f"- model: {model.num_params / 1e9:.2f}B parameters, {model.n_layer} layers, d_model {model.d_model}",
+        f"- training: {training}",
+        (
+            f"- cluster `{cluster.name}`: {cluster.gpus_per_node} x {cluster.gpu} per node, "
+            f"{cluster.hbm_gib * DEFAULT_MEMORY_FRACTION:.1f} GiB usable per GPU. {cluster.source}"
+        ),
+    ])
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    """Print every candidate partition size and the recommendation, as markdown."""
+    name, model = model_from_args(args)
+    cluster = cluster_from_args(args)
+    shape = (args.micro_batch, args.accum, args.activation_checkpointing)
+    candidates = plan(model, cluster, args.nodes, *shape, options_from_args(args))
+    best = recommend(candidates)
+    print(f"# torchmics plan: {name} on {args.nodes} x {cluster.gpus_per_node} GPUs\n")
+    print(setting(args, model, cluster) + "\n")
+    print(render_table(candidates, highlight=best) + "\n")
+    print(f"**Recommendation: {best.label}** (partition size {best.partition_size}): {explain(candidates, best)}")
+
+
+def run_simulate(args: argparse.Namespace) -> None:
+    """Write the weak-scaling table, JSONL and chart to ``--out``, and print the table."""
+    name, model = model_from_args(args)
+    cluster = cluster_from_args(args)
+    sizes = args.gpus or default_sizes(cluster.gpus_per_node, args.max_gpus)
+    rows = simulate(model, cluster, args.micro_batch, args.accum, args.activation_checkpointing, sizes,
+                    options_from_args(args))
+    title = f"Weak scaling of {name} on {cluster.name} (cost model)"
+    notes = setting(args, model, cluster)
+    out = Path(args.out or f"benchmarks/simulate/{cluster.name}-{name}")
+    paths = write_outputs(rows, out, title, notes)
+    print(f"# {title}\n\n{notes}\n\n{render_rows(rows)}\n")
+    print(f"wrote {', '.join(str(p) for p in paths)}")
