@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from torch.multiprocessing import ProcessRaisedException
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
+from torchmics import checkpoint_command
 from torchmics.bench import command as bench_command
+from torchmics.plan import command as plan_command
 from torchmics.train import command as train_command
 
 
@@ -16,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     train_command.add_parser(subparsers)
     bench_command.add_parser(subparsers)
+    plan_command.add_parser(subparsers)
+    checkpoint_command.add_export_parser(subparsers)
     return parser
 
 
@@ -28,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ProcessRaisedException as err:
         print(f"torchmics {args.command}: a worker failed; its traceback:\n{err}", file=sys.stderr)
+        return 1
+    except ProcessExitedException as err:  # a worker died without a Python exception (a signal, os._exit)
+        print(f"torchmics {args.command}: {err}; the other workers were stopped", file=sys.stderr)
         return 1
     return 0
 

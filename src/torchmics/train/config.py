@@ -40,13 +40,13 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 40
     eval_batches: int = 4
-    checkpoint_every: int = 0  # 0: only a final checkpoint when --resume is used
+    checkpoint_every: int = 0  # 0: no periodic checkpoints (a final one still when --resume is set)
     resume: str | None = None  # None, "auto" (latest in --out) or a checkpoint path
     out: str = field(default_factory=lambda: f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 
     def validate(self) -> None:
         """Errors that need no processes: caught before anything is spawned."""
-        positive = ("micro_batch", "accum", "steps", "eval_batches")
+        positive = ("micro_batch", "accum", "steps", "eval_every", "eval_batches")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -54,6 +54,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        for name in ("warmup", "checkpoint_every", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip <= 0:
+            raise ValueError(f"--grad-clip must be > 0 (inf turns clipping off), got {self.grad_clip}")
         if self.mixed_precision not in ("fp32", "bf16"):
             raise ValueError(f"--mixed-precision must be fp32 or bf16, got {self.mixed_precision!r}")
         if self.partition_size != "auto" and not str(self.partition_size).isdigit():
@@ -62,9 +67,29 @@ class TrainConfig:
             raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
 
 
-def _flag_type(f: dataclasses.Field):
-    kind = {"int | None": int, "int": int, "float": float, "str": str, "str | None": str}
-    return kind[str(f.type)]
+_FIELD_TYPES = {"int": int, "int | None": int, "float": float, "str": str, "str | None": str, "bool": bool}
+
+
+def _flag_type(f: dataclasses.Field) -> type:
+    return _FIELD_TYPES[str(f.type)]
+
+
+_TOML_KINDS: dict[type, tuple[tuple[type, ...], str]] = {
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+    bool: ((bool,), "true or false"),
+}
+
+
+def _check_toml_value(path: Path, name: str, value: object) -> None:
+    """TOML values come typed; a wrong one (``steps = "10"``) is named here instead of failing later."""
+    if name == "partition_size":  # a string field only so that it can hold "auto"
+        allowed, description = (int, str), 'an integer or "auto"'
+    else:
+        allowed, description = _TOML_KINDS[_flag_type(TrainConfig.__dataclass_fields__[name])]
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        raise ValueError(f"{path}: {name} = {value!r} must be {description}")
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -79,18 +104,26 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def read_toml(path: Path) -> dict:
+    """The TOML file's settings by field name; unknown keys and wrongly typed values are errors."""
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        values = {key.replace("-", "_"): value for key, value in tomllib.loads(path.read_text()).items()}
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config file {path} is not valid TOML: {err}") from err
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown keys in {path}: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    for name, value in values.items():
+        _check_toml_value(path, name, value)
+    return values
+
+
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults, overridden by the TOML file, overridden by flags given on the command line."""
-    values: dict = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        values = {key.replace("-", "_"): value for key, value in tomllib.loads(path.read_text()).items()}
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown keys in {path}: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    values = read_toml(Path(args.config)) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None and k in TrainConfig.__dataclass_fields__})
     if "partition_size" in values:
         values["partition_size"] = str(values["partition_size"])

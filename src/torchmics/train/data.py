@@ -54,7 +54,7 @@ def load_tokens(path: str | None, seq_len: int | None = None) -> TokenData:
         tokens, source = _text_bytes(Path(path))
     n_val = max(math.ceil(VAL_FRACTION * len(tokens)), 1 if seq_len is None else seq_len + 1)
     train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
-    _check_enough(train, seq_len or 0, f"{source}, train split")
+    _check_enough(train, seq_len or 0, f"{source} ({len(tokens)} tokens, {n_val} held out for validation), train split")
     vocab_size = 256 if tokens.dtype == np.uint8 else int(tokens.max()) + 1
     return TokenData(train=train, val=val, vocab_size=vocab_size, source=source)
 

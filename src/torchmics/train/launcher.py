@@ -71,19 +71,44 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_WORLD_SIZE" in os.environ
 
 
+def restart_hazard() -> str | None:
+    """Why torchrun's restarts may fail to reconnect the workers here, or None.
+
+    By default torchrun (c10d rendezvous) shares one store with every attempt's workers, and nothing
+    clears the keys a dead attempt left: a restarted rank can read the old peers' addresses and fail
+    to connect (pytorch/pytorch#135712; seen on torch 2.13 with gloo, in a second restart).
+    """
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        return (
+            "torchrun shares its rendezvous store with the workers, so a restart can read the previous "
+            "attempt's addresses and fail to connect (pytorch/pytorch#135712); "
+            "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (examples/slurm.sbatch does)"
+        )
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _worker(rank: int, launch: LocalLaunch, port: int, fn: Callable[..., Any], args: tuple) -> None:
-    os.environ.update(launch.rank_env(rank, port))
+def run_rank(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run one rank's ``fn(*args)`` and destroy the process group it started, even when it raises.
+
+    Exiting with a live NCCL group skips waiting for its pending operations (NCCL warns about it at exit).
+    """
     try:
-        fn(*args)
+        return fn(*args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _worker(rank: int, launch: LocalLaunch, port: int, fn: Callable[..., Any], args: tuple) -> None:
+    os.environ.update(launch.rank_env(rank, port))
+    run_rank(fn, *args)
 
 
 def spawn(fn: Callable[..., Any], launch: LocalLaunch, *args: Any, timeout_s: float | None = None) -> None:

@@ -87,7 +87,7 @@ def _mixed_precision(cfg: TrainConfig) -> torchmics.MixedPrecision:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """One rank's whole run; returns the final summary (the same on every rank)."""
+    """One rank's whole run; returns the summary on rank 0 (which keeps the metrics) and {} elsewhere."""
     torch.manual_seed(cfg.seed)
     model, info = build_model(cfg.model, cfg.seq_len)
     world, gpus_per_node = job_sizes(cfg)
@@ -102,8 +102,9 @@ def train(cfg: TrainConfig) -> dict:
     )
     sampler = BatchSampler(data.train, info.seq_len, cfg.micro_batch * world, rank, world, cfg.seed)
     val_sampler = BatchSampler(data.val, info.seq_len, cfg.micro_batch * world, rank, world, cfg.seed + 1)
-    start = _resume(cfg, model, optimizer)
-    reporter = Reporter(cfg, topo, info, data.source, model, enabled=rank == 0)
+    resumed_from = _resume_path(cfg)
+    start = 0 if resumed_from is None else int(checkpoint.load_checkpoint(resumed_from, model, optimizer)["step"])
+    reporter = Reporter(cfg, topo, info, data.source, model, enabled=rank == 0, start=start, resumed_from=resumed_from)
     tokens_per_step = cfg.micro_batch * world * cfg.accum * info.seq_len
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
@@ -127,19 +128,33 @@ def train(cfg: TrainConfig) -> dict:
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             record["val_loss"] = evaluate(model, val_sampler, cfg.eval_batches, device)
         reporter.log(record)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+        if _saves_at(cfg, step + 1):
             _save(cfg, model, optimizer, step + 1)
     return reporter.finish()
 
 
-def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """The step to start from: 0, or the step of the checkpoint ``--resume`` names."""
-    if cfg.resume is None:
-        return 0
-    path = checkpoint.latest_checkpoint(cfg.out) if cfg.resume == "auto" else cfg.resume
-    if path is None:
-        return 0
-    return int(checkpoint.load_checkpoint(path, model, optimizer)["step"])
+def _resume_path(cfg: TrainConfig) -> str | None:
+    """The checkpoint ``--resume`` names (``auto``: the newest complete one in ``--out``), or None.
+
+    Rank 0 looks and tells the others: ranks on several nodes could otherwise see a shared file system
+    at slightly different moments and resume from different steps.
+    """
+    choice: list[str | None] = [None]
+    if dist.get_rank() == 0 and cfg.resume is not None:
+        choice[0] = checkpoint.latest_checkpoint(cfg.out) if cfg.resume == "auto" else cfg.resume
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def _saves_at(cfg: TrainConfig, step: int) -> bool:
+    """Whether to save after ``step``: every ``checkpoint_every`` steps, and after the last one too.
+
+    The final save happens whenever the run checkpoints or resumes, so that export gets the final
+    weights and `--resume auto` after a finished run has nothing to redo.
+    """
+    checkpointing = cfg.checkpoint_every > 0 or cfg.resume is not None
+    periodic = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+    return periodic or (checkpointing and step == cfg.steps)
 
 
 def _save(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:

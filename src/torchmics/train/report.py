@@ -5,6 +5,7 @@ Only rank 0 reports; the other ranks get a disabled `Reporter` so the loop has n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import resource
@@ -37,18 +38,38 @@ def model_state_bytes(model: nn.Module) -> int:
 
 
 class Reporter:
-    def __init__(self, cfg: TrainConfig, topo: Topology, info: ModelInfo, source: str, model: nn.Module, enabled: bool):
+    """Rank 0's outputs. ``start`` is the step a resumed run continues from (0 for a fresh run).
+
+    A resumed run continues ``metrics.jsonl``: records after ``start`` came from steps the checkpoint
+    does not hold (the job died after logging them) and are dropped, so every step appears once.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        topo: Topology,
+        info: ModelInfo,
+        source: str,
+        model: nn.Module,
+        enabled: bool,
+        start: int = 0,
+        resumed_from: str | None = None,
+    ):
         self.enabled, self.cfg, self.info = enabled, cfg, info
         self.records: list[dict] = []
         if not enabled:
             return
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.records = keep_records_until(self.out / "metrics.jsonl", start)
         self.metrics = (self.out / "metrics.jsonl").open("a")
-        self.console = Console(highlight=False)
+        # soft_wrap: a line written to a log file stays one line, whatever width rich assumes there.
+        self.console = Console(highlight=False, soft_wrap=True)
         self.started = time.perf_counter()
         self._write_config(topo, source)
         self._print_plan(topo, source, model)
+        if resumed_from is not None:
+            self.console.print(f"resumed   from {resumed_from} at step {start}")
         self.progress = Progress(
             TextColumn("[bold]step {task.completed}/{task.total}"),
             BarColumn(),
@@ -57,7 +78,7 @@ class Reporter:
             console=self.console,
             disable=not self.console.is_terminal,
         )
-        self.task = self.progress.add_task("train", total=cfg.steps, status="")
+        self.task = self.progress.add_task("train", total=cfg.steps, completed=start, status="")
         self.progress.start()
 
     def _write_config(self, topo: Topology, source: str) -> None:
@@ -83,9 +104,9 @@ class Reporter:
         self.console.print(f"output    {self.out}")
 
     def log(self, record: dict) -> None:
-        self.records.append(record)
         if not self.enabled:
             return
+        self.records.append(record)
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         status = f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s"
@@ -95,28 +116,56 @@ class Reporter:
             self.progress.console.print(f"step {record['step']:>6}  {status}  lr {record['lr']:.2e}{val}")
 
     def finish(self) -> dict:
-        """Close outputs, draw the loss curve, print and return the summary."""
-        last_val = [r["val_loss"] for r in self.records if "val_loss" in r]
-        summary = {
-            "steps": self.records[-1]["step"] if self.records else 0,
-            "first_loss": self.records[0]["loss"] if self.records else None,
-            "final_loss": self.records[-1]["loss"] if self.records else None,
-            "final_val_loss": last_val[-1] if last_val else None,
-        }
+        """Close outputs, draw the loss curve, print and return the summary of the whole run (rank 0; {} elsewhere).
+
+        The whole run includes the steps of earlier sessions of a resumed run (they are in metrics.jsonl).
+        """
         if not self.enabled:
-            return summary
+            return {}
         self.progress.stop()
         self.metrics.close()
+        if not self.records:  # resumed at or past --steps into an --out without metrics: nothing ran
+            self.console.print(f"[bold]done[/bold]: the checkpoint already holds all {self.cfg.steps} steps")
+            return {}
+        last_val = [r["val_loss"] for r in self.records if "val_loss" in r]
+        summary = {
+            "steps": self.records[-1]["step"],
+            "first_loss": self.records[0]["loss"],
+            "final_loss": self.records[-1]["loss"],
+            "final_val_loss": last_val[-1] if last_val else None,
+        }
         plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
         rates = [r["tokens_per_s"] for r in self.records[1:]] or [0.0]
+        val = "n/a" if summary["final_val_loss"] is None else f"{summary['final_val_loss']:.4f}"
         self.console.print(
             f"[bold]done[/bold] in {time.perf_counter() - self.started:.0f} s: loss {summary['first_loss']:.4f} -> "
-            f"{summary['final_loss']:.4f}, val {summary['final_val_loss']:.4f}, "
+            f"{summary['final_loss']:.4f}, val {val}, "
             f"{sorted(rates)[len(rates) // 2]:,.0f} tok/s (median), "
             f"peak memory {max(r['peak_mem_bytes'] for r in self.records) / GiB:.2f} GiB per rank; "
             f"see {self.out}/metrics.jsonl and loss.png"
         )
         return summary
+
+
+def read_records(metrics_path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line cut short by a killed process is skipped, not an error."""
+    if not metrics_path.is_file():
+        return []
+    records = []
+    for line in metrics_path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
+def keep_records_until(metrics_path: Path, step: int) -> list[dict]:
+    """Rewrite metrics.jsonl (atomically) with only the records of steps ``<= step``; return them."""
+    kept = [r for r in read_records(metrics_path) if r["step"] <= step]
+    if metrics_path.exists():
+        temp = metrics_path.with_name(metrics_path.name + ".tmp")
+        temp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        temp.replace(metrics_path)
+    return kept
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -126,7 +175,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = read_records(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
     val = [r for r in records if "val_loss" in r]
