@@ -35,6 +35,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     mixed_precision: str = "fp32"  # fp32 | bf16
+    replica_reduce_dtype: str | None = None  # fp32 | bf16: the replica hop's own dtype (precision per hop)
+    optimizer_over_replicas: bool = False  # shard optimizer states across replicas too (1/W of AdamW's state)
     activation_checkpointing: bool = False
     compile: bool = False
     seed: int = 0
@@ -61,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"--grad-clip must be > 0 (inf turns clipping off), got {self.grad_clip}")
         if self.mixed_precision not in ("fp32", "bf16"):
             raise ValueError(f"--mixed-precision must be fp32 or bf16, got {self.mixed_precision!r}")
+        if self.replica_reduce_dtype not in (None, "fp32", "bf16"):
+            raise ValueError(f"--replica-reduce-dtype must be fp32 or bf16, got {self.replica_reduce_dtype!r}")
         if self.partition_size != "auto" and not str(self.partition_size).isdigit():
             raise ValueError(f"--partition-size must be a positive integer or 'auto', got {self.partition_size!r}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

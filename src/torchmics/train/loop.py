@@ -80,10 +80,21 @@ def evaluate(model: nn.Module, sampler: BatchSampler, batches: int, device: torc
     return total.item() / (batches * dist.get_world_size())
 
 
+_REPLICA_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}
+
+
 def _mixed_precision(cfg: TrainConfig) -> torchmics.MixedPrecision:
-    if cfg.mixed_precision == "bf16":
-        return torchmics.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return torchmics.MixedPrecision()
+    """bf16 compute reduces in fp32 inside the partition group; the replica hop may pick its own dtype."""
+    compute = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+    reduce = torch.float32 if compute is not None else None
+    return torchmics.MixedPrecision(compute, reduce, _REPLICA_DTYPES[cfg.replica_reduce_dtype])
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device):
+    options = dict(lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    if cfg.optimizer_over_replicas:
+        return torchmics.ReplicaShardedOptimizer(model, torch.optim.AdamW, **options)
+    return torch.optim.AdamW(model.parameters(), **options)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -96,10 +107,9 @@ def train(cfg: TrainConfig) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(device_type(), torch.cuda.current_device() if device_type() == "cuda" else None)
     data = load_tokens(cfg.data, info.seq_len)
-    model = torchmics.shard(prepare_model(model, cfg), topo, mixed_precision=_mixed_precision(cfg))
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=device.type == "cuda"
-    )
+    model = torchmics.shard(prepare_model(model, cfg), topo, mixed_precision=_mixed_precision(cfg),
+                            shard_optimizer_across_replicas=cfg.optimizer_over_replicas)
+    optimizer = _optimizer(cfg, model, device)
     sampler = BatchSampler(data.train, info.seq_len, cfg.micro_batch * world, rank, world, cfg.seed)
     val_sampler = BatchSampler(data.val, info.seq_len, cfg.micro_batch * world, rank, world, cfg.seed + 1)
     resumed_from = _resume_path(cfg)
