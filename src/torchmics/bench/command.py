@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from torchmics.bench.collectives import measure_collectives
+from torchmics.bench.deepspeed_peer import DEEPSPEED_UNAVAILABLE
 from torchmics.bench.report import markdown_table, write_outputs
 from torchmics.bench.runner import BenchConfig, run_system
 from torchmics.bench.systems import SYSTEMS
@@ -69,6 +70,8 @@ def run(args: argparse.Namespace) -> None:
         records = [json.loads(line) for line in Path(out_file).read_text().splitlines()]
         Path(out_file).unlink()
     else:
+        if DEEPSPEED_UNAVAILABLE:
+            console.print(DEEPSPEED_UNAVAILABLE)
         partition = args.partition_size or gpus_per_node
         validate(cfg.nproc, gpus_per_node, partition)
         records = []

@@ -14,10 +14,11 @@ given parameters that are not ZeRO parameters yet converts them while it builds 
 ``with MiCS_Init(...)`` around the model's construction is needed. Each rank holds the whole model on
 its GPU (in bf16) for a moment before it is partitioned; FSDP2 and torchmics shard a built model too.
 
-DeepSpeed owns backward and the optimizer step, so the ``Prepared`` carries ``engine.backward`` and an
-optimizer whose ``step`` is ``engine.step``. The runner keeps the accumulation, as for every other system: it divides the loss by
-its accumulation count and tells the engine which micro-step is the last (``sync``), so the engine's
-own ``gradient_accumulation_steps`` stays 1 and only feeds DeepSpeed's batch-size bookkeeping.
+DeepSpeed owns backward and the optimizer step, so the ``Prepared`` carries ``engine.backward`` and
+an optimizer whose ``step`` is ``engine.step``. The runner keeps the accumulation, as for every other
+system: it divides the loss by its accumulation count and tells the engine which micro-step is the
+last (``sync``), so the engine's own ``gradient_accumulation_steps`` stays 1 and only feeds
+DeepSpeed's batch-size bookkeeping.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _unavailable() -> str | None:
     try:
         version = importlib.metadata.version("deepspeed")
     except importlib.metadata.PackageNotFoundError:
-        return "DeepSpeed peers skipped: deepspeed is not installed (they need deepspeed==0.18.9, the last release with MiCS)"
+        return "DeepSpeed peers skipped: deepspeed is not installed (they need 0.18.9, the last release with MiCS)"
     if tuple(int(part) for part in version.split(".")[:2]) >= (0, 19):
         return f"DeepSpeed peers skipped: deepspeed {version} has no MiCS (removed in 0.19; install 0.18.9)"
     return None
@@ -63,8 +64,7 @@ def ds_config(spec: BenchSpec, unit_numel: int, mics_shard_size: int | None = No
     reduce-scatter, and the accumulation dtype sets MiCS' replica all-reduce, which DeepSpeed runs on
     the accumulated gradient shards in that dtype.
     """
-    bf16 = spec.param_dtype == torch.bfloat16
-    wide = torch.float32 in (spec.param_dtype, spec.reduce_dtype)
+    accumulate_fp32 = torch.float32 in (spec.param_dtype, spec.reduce_dtype)
     zero = {
         "stage": 3,
         "overlap_comm": True,
@@ -77,9 +77,9 @@ def ds_config(spec: BenchSpec, unit_numel: int, mics_shard_size: int | None = No
     return {
         "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: the runner feeds the batches
         "gradient_accumulation_steps": 1,  # the runner accumulates and sets the boundary itself
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": spec.param_dtype == torch.bfloat16},
         "communication_data_type": _DTYPE_NAMES[spec.reduce_dtype],
-        "data_types": {"grad_accum_dtype": "fp32" if wide else "bf16"},
+        "data_types": {"grad_accum_dtype": "fp32" if accumulate_fp32 else "bf16"},
         "zero_optimization": zero,
     }
 
@@ -104,7 +104,9 @@ def _engine(spec: BenchSpec, model: nn.Module, config: dict) -> Prepared:
         engine.set_gradient_accumulation_boundary(is_last)
         return contextlib.nullcontext()
 
-    backward = lambda loss: engine.backward(loss, scale_wrt_gas=False)  # noqa: E731  (the loss is already / accum)
+    def backward(loss: torch.Tensor) -> None:
+        engine.backward(loss, scale_wrt_gas=False)  # the runner already divided the loss by its accumulation count
+
     return Prepared(engine, sync, optimizer=_EngineStep(engine), backward=backward)
 
 
@@ -118,7 +120,7 @@ class _EngineStep:
         self.engine.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        pass  # engine.step() already did, at the accumulation boundary the runner's sync set
+        pass  # engine.step() did, at the accumulation boundary that sync() set
 
 
 def _zero3(spec: BenchSpec, model: nn.Module) -> Prepared:

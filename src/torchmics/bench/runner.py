@@ -77,7 +77,7 @@ def _measure(cfg: BenchConfig, system: str, partition_size: int, out_file: str) 
             autocast = torch.autocast(device.type, torch.bfloat16) if prepared.autocast else contextlib.nullcontext()
             with prepared.sync(micro == cfg.accum - 1), autocast:
                 loss = causal_lm_loss(logits_of(prepared.model, tokens[:, :-1]), tokens[:, 1:]) / cfg.accum
-                loss.backward()
+                (prepared.backward or torch.Tensor.backward)(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:

@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import torchmics
+from torchmics.bench.deepspeed_peer import DEEPSPEED_SYSTEMS
 from torchmics.wrapping import resolve_units
 
 
@@ -43,6 +44,7 @@ class Prepared:
     sync: Callable[[bool], AbstractContextManager]  # is_last_micro_step -> context for that micro-step
     autocast: bool = False  # DDP keeps fp32 params and computes under bf16 autocast
     optimizer: torch.optim.Optimizer | None = None  # None: AdamW over model.parameters()
+    backward: Callable[[torch.Tensor], None] | None = None  # None: loss.backward() (DeepSpeed has its own)
 
 
 def _always_sync(is_last: bool) -> AbstractContextManager:
@@ -108,4 +110,5 @@ SYSTEMS: dict[str, Callable[[BenchSpec, nn.Module], Prepared]] = {
     "fsdp2-full": lambda spec, model: _fsdp2(spec, model, hsdp=False),
     "fsdp2-hsdp": lambda spec, model: _fsdp2(spec, model, hsdp=True),
     "ddp": _ddp,
+    **DEEPSPEED_SYSTEMS,
 }
