@@ -96,10 +96,11 @@ def shard(
     # FSDP2 runs the replica hop itself (HSDP, 2-D mesh) unless torchmics does (hook) or there is none.
     mesh = topology.mesh if topology.num_replicas > 1 and replica is None and not by_optimizer else topology.mesh["shard"]
     policy = mixed_precision.to_fsdp()
-    for unit in resolve_units(model, wrap):
+    units = resolve_units(model, wrap)
+    for unit in [*units, model]:
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    units = [m for m in model.modules() if isinstance(m, FSDPModule) and _has_params(m)]
+    if _owns_params(model, units):
+        units.append(model)  # the root unit communicates what no unit holds (embeddings, head, tied weights)
     if use_hierarchy:
         all_gather, reduce_scatter = HierarchicalAllGather(topology), HierarchicalReduceScatter(topology)
         for unit in units:
@@ -138,8 +139,10 @@ def _replica_reduction(topology: Topology, mixed_precision: MixedPrecision) -> R
     return ReplicaReduction(topology.mesh.get_group("replicate"), mixed_precision.replica_reduce_dtype)
 
 
-def _has_params(module: FSDPModule) -> bool:
-    return any(group.fsdp_params for group in module._get_fsdp_state()._fsdp_param_groups)
+def _owns_params(model: nn.Module, units: list[nn.Module]) -> bool:
+    """Whether any parameter of ``model`` lies outside every unit (so the root unit has work)."""
+    in_units = {id(p) for unit in units for p in unit.parameters()}
+    return any(id(p) not in in_units for p in model.parameters())
 
 
 def _check_shardable(model: nn.Module, topology: Topology) -> None:
