@@ -15,4 +15,4 @@ timeout 150 python3 -m torchmics.cli train --model gpt2-124m --mixed-precision b
 bench() { python3 -m torchmics.cli bench --steps 4 --warmup 2 --out "$OUT/emulated" --emulate-nodes 2 --accum 4 \
           --partition-size 1 --reduce-dtype bf16 "$@" 2>&1 | quiet | tee -a "$OUT/bench.log"; }
 bench --systems torchmics,torchmics-replica-optimizer,fsdp2-hsdp
-bench --systems deepspeed-mics,deepspeed-zero3
+[ "${SKIP_DEEPSPEED:-0}" = 1 ] || bench --systems deepspeed-mics,deepspeed-zero3
