@@ -51,7 +51,7 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def _partition_for(system: str, partition_size: int, world: int) -> int:
-    return {"fsdp2-full": world, "ddp": 1}.get(system, partition_size)
+    return {"fsdp2-full": world, "deepspeed-zero3": world, "ddp": 1}.get(system, partition_size)
 
 
 def _measure(cfg: BenchConfig, system: str, partition_size: int, out_file: str) -> None:
