@@ -112,7 +112,7 @@ def checkpointed_run(tmp_path_factory) -> tuple[Path, str]:
 
 def test_flat_partition_inside_a_node_and_its_checkpoints(checkpointed_run):
     out, stdout = checkpointed_run
-    assert re.search(r"2 ranks = 1 nodes? x 2 per node; partition size 2 \(inside one node, flat collectives\)", stdout)
+    assert re.search(r"2 ranks = 1 node x 2 per node; partition size 2 \(inside one node, flat collectives\)", stdout)
     assert sorted(p.name for p in out.glob("step_*")) == ["step_10", "step_5"]
     assert (out / "latest").read_text() == "step_10"
 

@@ -42,9 +42,6 @@ class _StagingBuffers:
             buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buffer
 
-    def __len__(self) -> int:
-        return len(self._buffers)
-
 
 class _HierarchicalComm:
     """Shared state of the two collectives: the sub-groups and the staging buffers."""
@@ -60,7 +57,6 @@ class _HierarchicalComm:
         self.nodes = topology.nodes_per_partition
         self.gpus = topology.gpus_per_node
         self.staging = _StagingBuffers()
-        self.calls = 0  # how many collectives ran through this path (observability, tests)
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Buffers FSDP2 keeps (outputs, gradient inputs) are fresh: only our intermediates are reused."""
@@ -84,7 +80,6 @@ class HierarchicalAllGather(_HierarchicalComm, AllGather):
         dist.all_gather_into_tensor(node_major, across_nodes, group=self.intra_group)
         # node_major is [local rank][node][shard]; FSDP2 wants partition-rank order [node][local rank].
         output_tensor.view(m, k, n).copy_(node_major.view(k, m, n).transpose(0, 1))
-        self.calls += 1
         return None  # completed on the current stream: FSDP2 treats None as a synchronous collective
 
 
@@ -107,5 +102,4 @@ class HierarchicalReduceScatter(_HierarchicalComm, ReduceScatter):
         # SUM of SUMs and AVG of equal-sized AVGs compose; a pre-multiplied sum must scale only once.
         second_op = op if op in (ReduceOp.SUM, ReduceOp.AVG) else ReduceOp.SUM
         dist.reduce_scatter_tensor(output_tensor, node_partial, op=second_op, group=self.inter_group)
-        self.calls += 1
         return None

@@ -77,7 +77,7 @@ class Topology:
         kind = "hierarchical (inter-node, then intra-node)" if self.hierarchical else "flat"
         spans = f"spans {self.nodes_per_partition} nodes" if self.partition_size > self.gpus_per_node else "inside one node"
         return (
-            f"{self.world_size} ranks = {self.num_nodes} nodes x {self.gpus_per_node} per node; "
+            f"{self.world_size} ranks = {self.num_nodes} node{'s' if self.num_nodes > 1 else ''} x {self.gpus_per_node} per node; "
             f"partition size {self.partition_size} ({spans}, {kind} collectives), "
             f"{self.num_replicas} replica(s); partition groups {_short(self.partition_groups)}, "
             f"replication groups {_short(self.replication_groups)}"
