@@ -48,7 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace) -> BenchConfig:
     unknown = [s for s in args.systems.split(",") if s not in SYSTEMS]
     if unknown:
-        raise ValueError(f"unknown systems {unknown}; valid: {', '.join(SYSTEMS)}")
+        why = f" ({DEEPSPEED_UNAVAILABLE})" if DEEPSPEED_UNAVAILABLE and any(s.startswith("deepspeed") for s in unknown) else ""
+        raise ValueError(f"unknown systems {unknown}{why}; valid: {', '.join(SYSTEMS)}")
     LocalLaunch(args.nproc, args.emulate_nodes)  # validates the split into nodes
     return BenchConfig(args.model, args.micro_batch, args.seq_len, args.accum, args.steps, args.warmup,
                        args.emulate_nodes, args.nproc, args.reduce_dtype, args.param_dtype, args.replica_reduce_dtype)
@@ -70,8 +71,6 @@ def run(args: argparse.Namespace) -> None:
         records = [json.loads(line) for line in Path(out_file).read_text().splitlines()]
         Path(out_file).unlink()
     else:
-        if DEEPSPEED_UNAVAILABLE:
-            console.print(DEEPSPEED_UNAVAILABLE)
         partition = args.partition_size or gpus_per_node
         validate(cfg.nproc, gpus_per_node, partition)
         records = []
