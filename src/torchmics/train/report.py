@@ -31,10 +31,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def model_state_bytes(model: nn.Module) -> int:
-    """This rank's bytes of parameters + gradients + AdamW's two moments (all in the master dtype)."""
+def model_state_bytes(model: nn.Module, optimizer_shards: int = 1) -> int:
+    """This rank's bytes of parameters + gradients + AdamW's two moments (all in the master dtype).
+
+    ``optimizer_shards`` is how many replicas split the moments (``--optimizer-over-replicas``).
+    """
     local = sum(p.to_local().numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return 4 * local
+    return 2 * local + 2 * local // optimizer_shards
 
 
 class Reporter:
@@ -92,13 +95,14 @@ class Reporter:
         (self.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def _print_plan(self, topo: Topology, source: str, model: nn.Module) -> None:
-        info, state = self.info, model_state_bytes(model)
+        shards = topo.num_replicas if self.cfg.optimizer_over_replicas else 1
+        info, state = self.info, model_state_bytes(model, shards)
         full = 4 * 4 * info.num_params
         self.console.print(f"[bold]torchmics train[/bold]  model {info.name}: {info.num_params / 1e6:.2f}M params, "
                            f"{info.n_layer} layers, d_model {info.d_model}, seq {info.seq_len}")
         self.console.print(f"topology  {topo.describe()}")
         self.console.print(f"memory    model states per rank {state / MiB:.1f} MiB (params + grads + AdamW, "
-                           f"1/{topo.partition_size} of {full / MiB:.1f} MiB)")
+                           f"of {full / MiB:.1f} MiB in all)")
         self.console.print(f"data      {source}; {self.cfg.micro_batch} seq/rank x {topo.world_size} ranks x "
                            f"{self.cfg.accum} micro-steps per step")
         self.console.print(f"output    {self.out}")
