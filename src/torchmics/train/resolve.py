@@ -14,7 +14,7 @@ from torchmics.models.gpt import ModelInfo
 from torchmics.topology import validate
 from torchmics.train.config import TrainConfig
 
-CPU_DEFAULT_NPROC, CPU_DEFAULT_NODES = 4, 2  # enough for a hierarchical partition group and a replica-free two-hop
+CPU_DEFAULT_NPROC, CPU_DEFAULT_NODES = 4, 2  # the smallest world with a hierarchical partition group
 
 
 def local_launch_shape(cfg: TrainConfig) -> tuple[int, int]:
