@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from torchmics.optim import ReplicaShardedOptimizer
-from torchmics.sharding import attached_optimizer, topology_of
+from torchmics.sharding import shard_state, topology_of
 from torchmics.topology import Topology
 
 METADATA_FILE = "torchmics.json"
@@ -71,8 +71,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Keys equal the unwrapped model's ``state_dict()`` keys: buffers, frozen and tied parameters
     included. Every rank must call it (it all-gathers each parameter, one at a time).
     """
-    topology_of(model)
-    optimizer = attached_optimizer(model)
+    optimizer = shard_state(model).optimizer
     if optimizer is not None:  # replicas hold low-precision copies of the slices they do not own
         optimizer.synchronize_master_weights()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)

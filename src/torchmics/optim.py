@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from torchmics.sharding import attach_optimizer, mixed_precision_of, topology_of, uses_replica_sharded_optimizer
+from torchmics.sharding import shard_state
 
 
 class ReplicaShardedOptimizer:
@@ -37,19 +37,18 @@ class ReplicaShardedOptimizer:
     """
 
     def __init__(self, model: nn.Module, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> None:
-        topology = topology_of(model)
-        if not uses_replica_sharded_optimizer(model):
+        state = shard_state(model)
+        if not state.optimizer_across_replicas:
             raise ValueError(
                 "ReplicaShardedOptimizer needs a model sharded with "
                 "torchmics.shard(..., shard_optimizer_across_replicas=True); for a model sharded without it, "
                 "build the optimizer on model.parameters() as usual."
             )
         self.model = model
-        self.group = topology.mesh.get_group("replicate")
+        self.group = state.topology.mesh.get_group("replicate")
         self.replicas, self.index = self.group.size(), self.group.rank()
-        precision = mixed_precision_of(model)
-        self.wire_dtype = precision.replica_reduce_dtype
-        self.compute_dtype = precision.param_dtype
+        self.wire_dtype = state.mixed_precision.replica_reduce_dtype
+        self.compute_dtype = state.mixed_precision.param_dtype
         names = {id(p): name for name, p in model.named_parameters()}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.names = [names[id(p)] for p in self.params]
@@ -57,16 +56,19 @@ class ReplicaShardedOptimizer:
         self.slices = [nn.Parameter(self._owned(p, c), requires_grad=True) for p, c in zip(self.params, self.chunks)]
         self.inner = optimizer_class(self.slices, **kwargs)
         self._reduced = False
-        attach_optimizer(model, self)
+        state.optimizer = self  # clipping and full state dicts go through the owned slices
 
     @property
     def param_groups(self) -> list[dict]:
         return self.inner.param_groups
 
+    def _owned_range(self, chunk: int, numel: int) -> slice:
+        """This rank's part of a flat tensor of ``numel`` elements cut into ``chunk``-sized rows."""
+        return slice(min(self.index * chunk, numel), min((self.index + 1) * chunk, numel))
+
     def _owned(self, param: DTensor, chunk: int) -> torch.Tensor:
         flat = param.to_local().detach().view(-1)
-        start = min(self.index * chunk, flat.numel())
-        return flat[start : min(start + chunk, flat.numel())]
+        return flat[self._owned_range(chunk, flat.numel())]
 
     def _padded_rows(self, flat: torch.Tensor, chunk: int) -> torch.Tensor:
         """``flat`` zero-padded to ``replicas * chunk`` and viewed as one row per replica rank."""
@@ -117,9 +119,30 @@ class ReplicaShardedOptimizer:
         rows = rows.view(self.replicas, mine.numel())
         for param, part, chunk in zip(self.params, rows.split(self.chunks, dim=1), self.chunks):
             flat, gathered = param.to_local().detach().view(-1), part.reshape(-1)
-            start, end = min(self.index * chunk, flat.numel()), min((self.index + 1) * chunk, flat.numel())
-            flat[:start].copy_(gathered[:start])  # the owned slice [start, end) is already up to date
-            flat[end:].copy_(gathered[end : flat.numel()])
+            owned = self._owned_range(chunk, flat.numel())
+            flat[: owned.start].copy_(gathered[: owned.start])  # the owned slice is already up to date
+            flat[owned.stop :].copy_(gathered[owned.stop : flat.numel()])
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip by the global norm (what :func:`torchmics.clip_grad_norm_` calls for this optimizer).
+
+        Every gradient element lies in exactly one rank's owned slice once the replica reduce-scatter
+        ran, so one reduction of the slices' norms over the whole world is exact.
+        """
+        self.reduce_gradients()
+        grads = [s.grad for s in self.slices if s.grad is not None and s.grad.numel()]
+        local = torch.nn.utils.get_total_norm(grads, norm_type=norm_type) if grads else torch.zeros(())
+        local = local.to(self.slices[0].device)
+        if math.isinf(norm_type):
+            dist.all_reduce(local, op=dist.ReduceOp.MAX)
+            total = local
+        else:
+            local = local.pow(norm_type)
+            dist.all_reduce(local)
+            total = local.pow(1.0 / norm_type)
+        torch.nn.utils.clip_grads_with_norm_(self.slices, max_norm, total)
+        return total
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.model.zero_grad(set_to_none=set_to_none)
@@ -168,13 +191,12 @@ class ReplicaShardedOptimizer:
         for name, entries in state_dict["state"].items():
             owned, chunk = by_name[name]
             self.inner.state[owned] = {
-                key: self._owned_part(value, chunk, owned) if isinstance(value, DTensor) else value.clone()
+                key: self._owned_part(value, chunk) if isinstance(value, DTensor) else value.clone()
                 for key, value in entries.items()
             }
         for group, saved in zip(self.inner.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
 
-    def _owned_part(self, value: DTensor, chunk: int, owned: torch.Tensor) -> torch.Tensor:
+    def _owned_part(self, value: DTensor, chunk: int) -> torch.Tensor:
         flat = value.to_local().reshape(-1)
-        start = min(self.index * chunk, flat.numel())
-        return flat[start : start + owned.numel()].clone()
+        return flat[self._owned_range(chunk, flat.numel())].clone()

@@ -9,13 +9,11 @@ the replication all-reduce to the last micro-step (:func:`no_replica_sync`).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -25,12 +23,9 @@ from torchmics.replica import ReplicaReduction
 from torchmics.topology import Topology
 from torchmics.wrapping import resolve_units
 
-_TOPOLOGY_ATTR = "_torchmics_topology"
-_NO_SYNC_ATTR = "_torchmics_in_no_replica_sync"
-_REPLICA_ATTR = "_torchmics_replica_reduction"
-_OPTIMIZER_SHARDING_ATTR = "_torchmics_optimizer_sharding"
-_MIXED_PRECISION_ATTR = "_torchmics_mixed_precision"
-_ATTACHED_OPTIMIZER_ATTR = "_torchmics_optimizer"
+_STATE_ATTR = "_torchmics_state"
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the names flags and configs use
 
 
 @dataclass(frozen=True)
@@ -52,15 +47,32 @@ class MixedPrecision:
         return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
 
 
-def topology_of(model: nn.Module) -> Topology:
-    """The topology a model was sharded with; a clear error for a model :func:`shard` did not return."""
-    topo = getattr(model, _TOPOLOGY_ATTR, None)
-    if topo is None:
+@dataclass
+class ShardState:
+    """What :func:`shard` decided for a model, kept on the model for the functions that take it."""
+
+    topology: Topology
+    mixed_precision: MixedPrecision
+    replica: ReplicaReduction | None  # set when torchmics, not FSDP2, runs the replica all-reduce
+    optimizer_across_replicas: bool
+    optimizer: object | None = None  # the ReplicaShardedOptimizer, once built
+    in_no_replica_sync: bool = False
+
+
+def shard_state(model: nn.Module) -> ShardState:
+    """The state :func:`shard` left on ``model``; a clear error for a model it did not return."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
         raise ValueError(
             f"{type(model).__name__} was not returned by torchmics.shard(); call "
             "`model = torchmics.shard(model, topo)` first and pass that model."
         )
-    return topo
+    return state
+
+
+def topology_of(model: nn.Module) -> Topology:
+    """The topology a model was sharded with."""
+    return shard_state(model).topology
 
 
 def shard(
@@ -92,9 +104,9 @@ def shard(
     use_hierarchy = _resolve_hierarchical(hierarchical, topology)
     mixed_precision = mixed_precision or MixedPrecision()
     replica = None if shard_optimizer_across_replicas else _replica_reduction(topology, mixed_precision)
-    by_optimizer = shard_optimizer_across_replicas and topology.num_replicas > 1
-    # FSDP2 runs the replica hop itself (HSDP, 2-D mesh) unless torchmics does (hook) or there is none.
-    mesh = topology.mesh if topology.num_replicas > 1 and replica is None and not by_optimizer else topology.mesh["shard"]
+    # FSDP2 runs the replica hop itself (HSDP, 2-D mesh) unless there is none or torchmics runs it.
+    fsdp_replicates = topology.num_replicas > 1 and replica is None and not shard_optimizer_across_replicas
+    mesh = topology.mesh if fsdp_replicates else topology.mesh["shard"]
     policy = mixed_precision.to_fsdp()
     units = resolve_units(model, wrap)
     for unit in [*units, model]:
@@ -109,28 +121,8 @@ def shard(
     if replica is not None:
         for index, unit in enumerate(units):
             unit.set_all_reduce_hook(replica.hook_for(index))
-    setattr(model, _TOPOLOGY_ATTR, topology)
-    setattr(model, _REPLICA_ATTR, replica)
-    setattr(model, _OPTIMIZER_SHARDING_ATTR, shard_optimizer_across_replicas)
-    setattr(model, _MIXED_PRECISION_ATTR, mixed_precision)
+    setattr(model, _STATE_ATTR, ShardState(topology, mixed_precision, replica, shard_optimizer_across_replicas))
     return model
-
-
-def uses_replica_sharded_optimizer(model: nn.Module) -> bool:
-    return getattr(model, _OPTIMIZER_SHARDING_ATTR, False)
-
-
-def mixed_precision_of(model: nn.Module) -> MixedPrecision:
-    return getattr(model, _MIXED_PRECISION_ATTR, MixedPrecision())
-
-
-def attach_optimizer(model: nn.Module, optimizer: object) -> None:
-    """Remember the replica-sharded optimizer: clipping and full state dicts must go through it."""
-    setattr(model, _ATTACHED_OPTIMIZER_ATTR, optimizer)
-
-
-def attached_optimizer(model: nn.Module):
-    return getattr(model, _ATTACHED_OPTIMIZER_ATTR, None)
 
 
 def _replica_reduction(topology: Topology, mixed_precision: MixedPrecision) -> ReplicaReduction | None:
@@ -180,23 +172,24 @@ def no_replica_sync(model: nn.Module) -> Iterator[None]:
     all-reduces the accumulated shard once, so a step with ``A`` micro-batches costs ``A`` cheap
     partition-group reduce-scatters and one replica all-reduce instead of ``A`` of each.
     """
-    topology_of(model)
-    if getattr(model, _NO_SYNC_ATTR, False):
+    state = shard_state(model)
+    if state.in_no_replica_sync:
         raise RuntimeError("no_replica_sync(model) is already active for this model; do not nest it.")
-    replica: ReplicaReduction | None = getattr(model, _REPLICA_ATTR)
-    setattr(model, _NO_SYNC_ATTR, True)
-    if replica is None:
-        model.set_requires_all_reduce(False)
-    else:
-        replica.deferring = True
+    state.in_no_replica_sync = True
+    _defer_replica_hop(model, state.replica, True)
     try:
         yield
     finally:
-        if replica is None:
-            model.set_requires_all_reduce(True)
-        else:
-            replica.deferring = False
-        setattr(model, _NO_SYNC_ATTR, False)
+        _defer_replica_hop(model, state.replica, False)
+        state.in_no_replica_sync = False
+
+
+def _defer_replica_hop(model: nn.Module, replica: ReplicaReduction | None, defer: bool) -> None:
+    """Whoever runs the replica all-reduce (FSDP2's HSDP, or torchmics' hook) holds it back."""
+    if replica is None:
+        model.set_requires_all_reduce(not defer)
+    else:
+        replica.deferring = defer
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -206,10 +199,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     (replicas hold identical shards after the replica all-reduce). Call it after the last backward
     of the step, outside :func:`no_replica_sync`.
     """
-    topology_of(model)
-    optimizer = attached_optimizer(model)
-    if optimizer is not None:
-        return _clip_replica_sharded(optimizer, max_norm, norm_type)
+    optimizer = shard_state(model).optimizer
+    if optimizer is not None:  # gradients are only complete in the optimizer's slices
+        return optimizer.clip_grad_norm_(max_norm, norm_type)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
     if isinstance(total, DTensor):
@@ -217,19 +209,3 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
     return total
 
-
-def _clip_replica_sharded(optimizer, max_norm: float, norm_type: float) -> torch.Tensor:
-    """Every gradient element lives in exactly one rank's owned slice, so one world reduction is exact."""
-    optimizer.reduce_gradients()
-    grads = [s.grad for s in optimizer.slices if s.grad is not None and s.grad.numel()]
-    local = torch.nn.utils.get_total_norm(grads, norm_type=norm_type) if grads else torch.zeros(())
-    local = local.to(optimizer.slices[0].device)
-    if math.isinf(norm_type):
-        dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        total = local
-    else:
-        local = local.pow(norm_type)
-        dist.all_reduce(local)
-        total = local.pow(1.0 / norm_type)
-    torch.nn.utils.clip_grads_with_norm_(optimizer.slices, max_norm, total)
-    return total

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from torchmics.sharding import DTYPES
 from torchmics.wrapping import resolve_units
 
 if TYPE_CHECKING:  # systems.py registers these peers, so it is imported lazily (no import cycle)
@@ -52,7 +53,7 @@ def _unavailable() -> str | None:
 
 DEEPSPEED_UNAVAILABLE = _unavailable()
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def ds_config(spec: BenchSpec, unit_numel: int, mics_shard_size: int | None = None, hierarchical: bool = False) -> dict:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from torchmics.bench.systems import LEARNING_RATE, SYSTEMS, BenchSpec
 from torchmics.models import build_model, causal_lm_loss, logits_of
+from torchmics.sharding import DTYPES
 from torchmics.topology import ensure_process_group
 from torchmics.train.launcher import LocalLaunch, spawn
 
@@ -43,9 +44,6 @@ class BenchConfig:
     replica_reduce_dtype: str | None = None  # torchmics only: the replica hop's own dtype
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
 def peak_flops(device_name: str) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in device_name), None)
 
@@ -57,7 +55,7 @@ def _partition_for(system: str, partition_size: int, world: int) -> int:
 def _measure(cfg: BenchConfig, system: str, partition_size: int, out_file: str) -> None:
     """Runs on every rank; rank 0 writes the measured record to ``out_file``."""
     world = int(os.environ["WORLD_SIZE"])
-    replica_dtype = DTYPES[cfg.replica_reduce_dtype] if cfg.replica_reduce_dtype else None
+    replica_dtype = DTYPES.get(cfg.replica_reduce_dtype)
     spec = BenchSpec(system, partition_size, world // cfg.nodes, DTYPES[cfg.reduce_dtype], DTYPES[cfg.param_dtype], replica_dtype)
     ensure_process_group()
     cuda = torch.cuda.is_available()

@@ -19,6 +19,7 @@ import torchmics
 from torchmics import checkpoint
 from torchmics.models import build_model, causal_lm_loss, logits_of
 from torchmics.models.gpt import GPT
+from torchmics.sharding import DTYPES
 from torchmics.topology import device_type
 from torchmics.train.config import TrainConfig
 from torchmics.train.data import BatchSampler, load_tokens
@@ -80,14 +81,11 @@ def evaluate(model: nn.Module, sampler: BatchSampler, batches: int, device: torc
     return total.item() / (batches * dist.get_world_size())
 
 
-_REPLICA_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}
-
-
 def _mixed_precision(cfg: TrainConfig) -> torchmics.MixedPrecision:
     """bf16 compute reduces in fp32 inside the partition group; the replica hop may pick its own dtype."""
     compute = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
     reduce = torch.float32 if compute is not None else None
-    return torchmics.MixedPrecision(compute, reduce, _REPLICA_DTYPES[cfg.replica_reduce_dtype])
+    return torchmics.MixedPrecision(compute, reduce, DTYPES.get(cfg.replica_reduce_dtype))
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device):
