@@ -98,9 +98,14 @@ def run_rank(fn: Callable[..., Any], *args: Any) -> Any:
     """Run one rank's ``fn(*args)`` and destroy the process group it started, even when it raises.
 
     Exiting with a live NCCL group skips waiting for its pending operations (NCCL warns about it at exit).
+    After a normal return every rank first meets the others at a barrier: a rank that tears its gloo
+    group down while a peer still talks to it can abort (seen once in CI as SIGABRT at exit).
     """
     try:
-        return fn(*args)
+        result = fn(*args)
+        if dist.is_initialized():
+            dist.barrier()
+        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
