@@ -50,10 +50,10 @@ def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batc
     else:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     rank, world = dist.get_rank(), dist.get_world_size()
-    losses, replica_all_reduces = [], []
+    losses, replica_all_reduces, replica_reduce_scatters = [], [], []
     with record_traffic() as traffic:
         for step_batches in batches:
-            before = _replica_all_reduces(traffic, topo)
+            before = _replica_hops(traffic, topo)
             step_loss = torch.zeros(())
             for i, micro in enumerate(step_batches):
                 last = i == len(step_batches) - 1
@@ -61,7 +61,9 @@ def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batc
                     loss = lm_loss(model, micro.chunk(world)[rank]) / len(step_batches)
                     loss.backward()
                 step_loss += loss.detach()
-            replica_all_reduces.append(_replica_all_reduces(traffic, topo) - before)  # before the step's own hop
+            after = _replica_hops(traffic, topo)  # counted before the optimizer step: during backward
+            replica_all_reduces.append(after["all_reduce"] - before["all_reduce"])
+            replica_reduce_scatters.append(after["reduce_scatter_tensor"] - before["reduce_scatter_tensor"])
             torchmics.clip_grad_norm_(model, 1.0)
             opt.step()
             opt.zero_grad()
@@ -74,6 +76,7 @@ def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batc
         "state": torchmics.full_state_dict(model),
         "traffic": dict(traffic),
         "replica_all_reduces": replica_all_reduces,
+        "replica_reduce_scatters": replica_reduce_scatters,
         "units": units,
         "optimizer_state_numel": sum(t.numel() for state in (opt.inner if optimizer_over_replicas else opt).state.values()
                                      for t in state.values() if t.dim()),
@@ -83,10 +86,12 @@ def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batc
     }
 
 
-def _replica_all_reduces(traffic, topo) -> int:
-    if topo.num_replicas == 1:
-        return 0
-    return sum(n for (name, ranks), n in traffic.items() if name == "all_reduce" and len(ranks) == topo.num_replicas)
+def _replica_hops(traffic, topo) -> dict[str, int]:
+    """Collectives run so far on this rank's replication group, by name."""
+    replicas = topo.replication_groups[topo.shard_index(topo.rank)]
+    if len(replicas) == 1:
+        return {"all_reduce": 0, "reduce_scatter_tensor": 0}
+    return {kind: traffic.get((kind, replicas), 0) for kind in ("all_reduce", "reduce_scatter_tensor")}
 
 
 def assert_matches_reference(result, builder: str, batches: torch.Tensor, tolerance: float = 1e-5) -> None:
@@ -155,7 +160,8 @@ def test_optimizer_sharded_across_replicas(world, nodes, partition):
     assert_matches_reference(results[0], "toy", batches)
     replicas = world // partition
     for result in results:
-        assert result["replica_all_reduces"] == [0] * STEPS  # the replica hop is a reduce-scatter now
+        assert result["replica_all_reduces"] == [0] * STEPS  # the replica hop is a reduce-scatter now,
+        assert result["replica_reduce_scatters"] == [result["units"]] * STEPS  # one per unit, during backward
         moments = 2 * result["shard_numel"]  # what a plain AdamW keeps on this rank
         padding = 2 * result["trainable_tensors"]  # uneven slices: at most one element per tensor and moment
         assert moments / replicas - padding <= result["optimizer_state_numel"] <= moments / replicas + padding

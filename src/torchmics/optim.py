@@ -4,18 +4,23 @@ MiCS keeps one full, sharded copy of the optimizer states in every partition gro
 holds ``1/P`` of them where ZeRO-3 holds ``1/W``. Here each replica rank keeps the optimizer state of
 only ``1/R`` of its partition shard (``R = W/P`` replicas), which brings optimizer memory down to
 ZeRO-3's ``1/W`` while parameters stay sharded only inside the (fast) partition group. The replica
-hop changes shape but not volume: instead of all-reducing the gradient, the step reduce-scatters it
-over the replication group, updates its slice, and all-gathers the updated slice (PyTorch users ask
-for exactly this: pytorch/pytorch#117968, #148257).
+hop changes shape but not volume: instead of all-reducing the gradient, each unit's gradient is
+reduce-scattered over the replication group, the optimizer updates its slice, and the updated slices
+are all-gathered (PyTorch users ask for exactly this: pytorch/pytorch#117968, #148257).
 
-Use it with a model sharded by ``shard(..., shard_optimizer_across_replicas=True)``; in that mode
-FSDP2 reduces gradients only inside the partition group and the replica hop happens in
-:meth:`ReplicaShardedOptimizer.step` (so it is two-hop by construction: once per optimizer step).
+The reduce-scatter of a unit starts as soon as FSDP2 has reduced that unit's gradient inside the
+partition group (a post-accumulate-grad hook, which FSDP2 calls on its sharded parameters), on a
+stream of its own, so it overlaps with the backward of the units before it just as HSDP's
+all-reduce does. Under :func:`torchmics.no_replica_sync` the hook does nothing: FSDP2 accumulates
+the partition-reduced gradient and the replica hop runs once per optimizer step (two-hop).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +28,82 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from torchmics.sharding import shard_state
+from torchmics.sharding import ShardState, shard_state
+
+
+@dataclass
+class _UnitSlices:
+    """One unit's local shards laid end to end as one flat vector, cut into one chunk per replica rank.
+
+    Replica rank ``r`` owns elements ``[r * chunk, (r + 1) * chunk)`` of that vector: one
+    reduce-scatter and one all-gather per unit move it, and the owned part of each parameter (its
+    *slice*, possibly empty) is a view into FSDP2's local shard, so the inner optimizer updates the
+    sharded parameters in place.
+    """
+
+    params: list[DTensor]
+    starts: list[int]  # where each parameter's local shard begins in the unit's flat vector
+    chunk: int
+    index: int  # this rank's place in the replication group
+    slices: list[nn.Parameter]
+
+    @classmethod
+    def build(cls, params: list[DTensor], replicas: int, index: int) -> _UnitSlices:
+        sizes = [p.to_local().numel() for p in params]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        unit = cls(params, starts, max(1, math.ceil(sum(sizes) / replicas)), index, [])
+        unit.slices = [nn.Parameter(p.to_local().detach().view(-1)[unit.owned(i)]) for i, p in enumerate(params)]
+        return unit
+
+    def owned(self, i: int) -> slice:
+        """The part of parameter ``i``'s flat local shard that this rank owns."""
+        numel = self.params[i].to_local().numel()
+        low = self.index * self.chunk - self.starts[i]
+        return slice(min(max(low, 0), numel), min(max(low + self.chunk, 0), numel))
+
+    def in_chunk(self, i: int) -> slice:
+        """Where parameter ``i``'s owned part lies inside this rank's chunk."""
+        owned, shift = self.owned(i), self.starts[i] - self.index * self.chunk
+        return slice(owned.start + shift, owned.stop + shift)
+
+    def pack_gradients(self, dtype: torch.dtype, replicas: int) -> torch.Tensor:
+        """The reduce-scatter input: every local gradient (zeros where absent) in ``dtype``, padded."""
+        flat = torch.zeros(replicas * self.chunk, dtype=dtype, device=self.slices[0].device)
+        for param, start in zip(self.params, self.starts):
+            if param.grad is not None:
+                grad = param.grad.to_local().reshape(-1)
+                flat[start : start + grad.numel()].copy_(grad)
+        return flat
+
+    def pack_owned(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """This rank's chunk assembled from one tensor per parameter shaped like its slice."""
+        chunk = torch.zeros(self.chunk, dtype=dtype, device=self.slices[0].device)
+        for i, part in enumerate(parts):
+            chunk[self.in_chunk(i)].copy_(part)
+        return chunk
+
+    def unpack(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of an all-gathered flat vector shaped like each parameter's local shard."""
+        return [flat[s : s + p.to_local().numel()].view_as(p.to_local()) for p, s in zip(self.params, self.starts)]
+
+    def write_others(self, flat: torch.Tensor) -> None:
+        """Copy an all-gathered vector into the local shards, except the owned slices (kept exact)."""
+        for i, (param, gathered) in enumerate(zip(self.params, self.unpack(flat))):
+            local, gathered, owned = param.to_local().detach().view(-1), gathered.reshape(-1), self.owned(i)
+            local[: owned.start].copy_(gathered[: owned.start])
+            local[owned.stop :].copy_(gathered[owned.stop :])
+
+
+def _units_of_params(state: ShardState) -> list[list[DTensor]]:
+    """The trainable parameters each unit communicates (children come first, so each counts once)."""
+    seen: set[int] = set()
+    groups = []
+    for unit in state.units:
+        params = [p for p in unit.parameters() if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            groups.append(params)
+    return groups
 
 
 class ReplicaShardedOptimizer:
@@ -32,66 +112,95 @@ class ReplicaShardedOptimizer:
     ``ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=3e-4)`` builds the inner optimizer on
     views of the owned slices, so the inner update writes straight into FSDP2's sharded parameters.
     ``param_groups`` is the inner optimizer's (learning-rate schedules work unchanged). After
-    backward, ``p.grad`` of the model holds partition-reduced gradients only; the replica reduction
-    happens in :meth:`reduce_gradients` (called by :meth:`step` and :func:`torchmics.clip_grad_norm_`).
+    backward, ``p.grad`` of the model holds partition-reduced gradients only; the fully reduced
+    gradient of each slice is its ``grad`` once :meth:`reduce_gradients` ran (:meth:`step` and
+    :func:`torchmics.clip_grad_norm_` call it). Every replica must use the same parameters in each
+    backward (as with DDP without ``find_unused_parameters``), so that collectives match.
     """
 
     def __init__(self, model: nn.Module, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> None:
-        state = shard_state(model)
+        self._state = state = shard_state(model)
         if not state.optimizer_across_replicas:
             raise ValueError(
                 "ReplicaShardedOptimizer needs a model sharded with "
                 "torchmics.shard(..., shard_optimizer_across_replicas=True); for a model sharded without it, "
                 "build the optimizer on model.parameters() as usual."
             )
+        if state.optimizer is not None:
+            raise ValueError("this model already has a ReplicaShardedOptimizer; build one optimizer per model.")
         self.model = model
         self.group = state.topology.mesh.get_group("replicate")
-        self.replicas, self.index = self.group.size(), self.group.rank()
-        self.wire_dtype = state.mixed_precision.replica_reduce_dtype
+        self.replicas, index = self.group.size(), self.group.rank()
+        self.wire_dtype = state.mixed_precision.replica_hop_dtype
         self.compute_dtype = state.mixed_precision.param_dtype
+        self.units = [_UnitSlices.build(params, self.replicas, index) for params in _units_of_params(state)]
         names = {id(p): name for name, p in model.named_parameters()}
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.names = [names[id(p)] for p in self.params]
-        self.chunks = [math.ceil(p.to_local().numel() / self.replicas) for p in self.params]
-        self.slices = [nn.Parameter(self._owned(p, c), requires_grad=True) for p, c in zip(self.params, self.chunks)]
+        self.names = [names[id(p)] for unit in self.units for p in unit.params]
+        self.slices = [s for unit in self.units for s in unit.slices]
         self.inner = optimizer_class(self.slices, **kwargs)
-        self._reduced = False
+        device = self.slices[0].device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._arrived = [0] * len(self.units)  # gradients FSDP2 has delivered, per unit, this backward
+        self._pending: dict[int, torch.Tensor] = {}  # unit -> its reduce-scatter output, not yet handed out
+        self._launched: set[int] = set()  # units whose replica reduce-scatter ran this step
+        for u, unit in enumerate(self.units):
+            for param in unit.params:
+                param.register_post_accumulate_grad_hook(lambda _, u=u: self._on_gradient(u))
         state.optimizer = self  # clipping and full state dicts go through the owned slices
 
     @property
     def param_groups(self) -> list[dict]:
         return self.inner.param_groups
 
-    def _owned_range(self, chunk: int, numel: int) -> slice:
-        """This rank's part of a flat tensor of ``numel`` elements cut into ``chunk``-sized rows."""
-        return slice(min(self.index * chunk, numel), min((self.index + 1) * chunk, numel))
+    def _on_gradient(self, u: int) -> None:
+        """FSDP2 finished one parameter's gradient; the unit's last one starts its replica hop."""
+        if self._state.in_no_replica_sync:
+            return
+        self._arrived[u] += 1
+        if self._arrived[u] == len(self.units[u].params):
+            self._reduce_scatter(u)
 
-    def _owned(self, param: DTensor, chunk: int) -> torch.Tensor:
-        flat = param.to_local().detach().view(-1)
-        return flat[self._owned_range(chunk, flat.numel())]
+    def _reduce_scatter(self, u: int) -> None:
+        with self._side_stream():
+            send = self.units[u].pack_gradients(self.wire_dtype or self.slices[0].dtype, self.replicas)
+            mine = torch.empty(self.units[u].chunk, dtype=send.dtype, device=send.device)
+            dist.reduce_scatter_tensor(mine, send, op=dist.ReduceOp.AVG, group=self.group)
+        self._pending[u] = mine
+        self._launched.add(u)
+        self._arrived[u] = 0
 
-    def _padded_rows(self, flat: torch.Tensor, chunk: int) -> torch.Tensor:
-        """``flat`` zero-padded to ``replicas * chunk`` and viewed as one row per replica rank."""
-        return torch.nn.functional.pad(flat, (0, self.replicas * chunk - flat.numel())).view(self.replicas, chunk)
+    @contextlib.contextmanager
+    def _side_stream(self) -> Iterator[None]:
+        """Run on the optimizer's own stream, after what the current stream has queued (a no-op on CPU)."""
+        if self._stream is None:
+            yield
+            return
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            yield
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Reduce-scatter every gradient over the replication group (mean); idempotent within a step."""
-        if self._reduced:
-            return
-        grads = [p.grad.to_local().view(-1) if p.grad is not None else torch.zeros_like(p.to_local()).view(-1)
-                 for p in self.params]
-        dtype = self.wire_dtype or grads[0].dtype
-        send = torch.cat([self._padded_rows(g.to(dtype), c) for g, c in zip(grads, self.chunks)], dim=1)
-        mine = torch.empty(send.shape[1], dtype=dtype, device=send.device)
-        dist.reduce_scatter_tensor(mine, send.view(-1), op=dist.ReduceOp.AVG, group=self.group)
-        for owned, part in zip(self.slices, mine.split(self.chunks)):
-            owned.grad = part[: owned.numel()].to(owned.dtype)
-        self._reduced = True
+        """Finish the replica hop and give each slice its gradient; idempotent within a step.
+
+        Units whose reduce-scatter did not start during backward (some parameter got no gradient,
+        or every micro-step ran under ``no_replica_sync``) are reduced here, in unit order.
+        """
+        for u, unit in enumerate(self.units):
+            if u not in self._launched and any(p.grad is not None for p in unit.params):
+                self._reduce_scatter(u)
+        if self._stream is not None:
+            torch.cuda.current_stream().wait_stream(self._stream)
+        for u, reduced in self._pending.items():
+            unit = self.units[u]
+            reduced = reduced.to(unit.slices[0].dtype)
+            for i, owned in enumerate(unit.slices):
+                owned.grad = reduced[unit.in_chunk(i)]
+        self._pending.clear()
 
     @torch.no_grad()
     def step(self) -> None:
-        """Replica reduce-scatter, inner step on the owned slices, replica all-gather of the result.
+        """Finish the replica reduce-scatter, step on the owned slices, all-gather the updated slices.
 
         The all-gather sends the updated slices in the compute dtype (``param_dtype``): what other
         replicas hold of a slice they do not own is only ever cast to that dtype for forward and
@@ -102,7 +211,7 @@ class ReplicaShardedOptimizer:
         self.reduce_gradients()
         self.inner.step()
         self._all_gather_slices(self.compute_dtype)
-        self._reduced = False
+        self._launched.clear()
 
     @torch.no_grad()
     def synchronize_master_weights(self) -> None:
@@ -111,17 +220,15 @@ class ReplicaShardedOptimizer:
             self._all_gather_slices(None)
 
     def _all_gather_slices(self, dtype: torch.dtype | None) -> None:
-        """All-gather the owned slices (in ``dtype``) into every replica's shards, keeping the own slice."""
-        mine = torch.cat([torch.nn.functional.pad(s.detach(), (0, c - s.numel())) for s, c in zip(self.slices, self.chunks)])
-        mine = mine.to(dtype or mine.dtype)
-        rows = torch.empty(self.replicas * mine.numel(), dtype=mine.dtype, device=mine.device)
-        dist.all_gather_into_tensor(rows, mine, group=self.group)
-        rows = rows.view(self.replicas, mine.numel())
-        for param, part, chunk in zip(self.params, rows.split(self.chunks, dim=1), self.chunks):
-            flat, gathered = param.to_local().detach().view(-1), part.reshape(-1)
-            owned = self._owned_range(chunk, flat.numel())
-            flat[: owned.start].copy_(gathered[: owned.start])  # the owned slice is already up to date
-            flat[owned.stop :].copy_(gathered[owned.stop : flat.numel()])
+        """All-gather every unit's owned chunk (in ``dtype``) into the other replicas' shards."""
+        gathers = []
+        for unit in self.units:  # all launched before any is waited for: they queue back to back
+            mine = unit.pack_owned([s.detach() for s in unit.slices], dtype or unit.slices[0].dtype)
+            rows = torch.empty(self.replicas * unit.chunk, dtype=mine.dtype, device=mine.device)
+            gathers.append((unit, rows, dist.all_gather_into_tensor(rows, mine, group=self.group, async_op=True)))
+        for unit, rows, work in gathers:
+            work.wait()
+            unit.write_others(rows)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -147,7 +254,9 @@ class ReplicaShardedOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.model.zero_grad(set_to_none=set_to_none)
         self.inner.zero_grad(set_to_none=set_to_none)
-        self._reduced = False
+        self._arrived = [0] * len(self.units)
+        self._pending.clear()
+        self._launched.clear()
 
     def sharded_state_dict(self) -> dict[str, Any]:
         """The state a plain optimizer would have under FSDP2 (DTensors keyed by parameter name).
@@ -160,13 +269,32 @@ class ReplicaShardedOptimizer:
         if not self.inner.state:
             self._create_state()
         self.synchronize_master_weights()
-        state = {}
-        for name, param, owned, chunk in zip(self.names, self.params, self.slices, self.chunks):
-            entries = self.inner.state.get(owned, {})
-            state[name] = {key: self._to_dtensor(value, param, chunk) if value.dim() else value.clone()
-                           for key, value in entries.items()}
+        state: dict[str, dict[str, Any]] = {}
+        names = iter(self.names)
+        for unit in self.units:
+            entries = [self.inner.state[owned] for owned in unit.slices]
+            per_param: list[dict[str, Any]] = [{} for _ in unit.params]
+            for key, value in entries[0].items():
+                if value.dim():
+                    for i, local in enumerate(self._gather_state(unit, [e[key] for e in entries])):
+                        per_param[i][key] = self._as_dtensor(local, unit.params[i])
+                else:  # scalars (``step``) are the same for every slice
+                    for i, entry in enumerate(entries):
+                        per_param[i][key] = entry[key].clone()
+            state.update((next(names), entry) for entry in per_param)
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(self.names)} for g in self.inner.param_groups]
         return {"state": state, "param_groups": groups}
+
+    def _gather_state(self, unit: _UnitSlices, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        mine = unit.pack_owned(parts, parts[0].dtype)
+        rows = torch.empty(self.replicas * unit.chunk, dtype=mine.dtype, device=mine.device)
+        dist.all_gather_into_tensor(rows, mine, group=self.group)
+        return unit.unpack(rows)
+
+    @staticmethod
+    def _as_dtensor(local: torch.Tensor, param: DTensor) -> DTensor:
+        return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
+                                  stride=param.stride(), run_check=False)
 
     def _create_state(self) -> None:
         learning_rates = [group["lr"] for group in self.inner.param_groups]
@@ -179,24 +307,21 @@ class ReplicaShardedOptimizer:
         for group, lr in zip(self.inner.param_groups, learning_rates):
             group["lr"] = lr
 
-    def _to_dtensor(self, value: torch.Tensor, param: DTensor, chunk: int) -> DTensor:
-        rows = torch.empty(self.replicas * chunk, dtype=value.dtype, device=value.device)
-        dist.all_gather_into_tensor(rows, torch.nn.functional.pad(value, (0, chunk - value.numel())), group=self.group)
-        local = rows[: param.to_local().numel()].view_as(param.to_local())
-        return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride(), run_check=False)
-
     def load_sharded_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Inverse of :meth:`sharded_state_dict`: keep this rank's slice of every state tensor."""
-        by_name = dict(zip(self.names, zip(self.slices, self.chunks)))
+        by_name = {name: (unit, i) for name, (unit, i) in zip(self.names, self._positions())}
         for name, entries in state_dict["state"].items():
-            owned, chunk = by_name[name]
-            self.inner.state[owned] = {
-                key: self._owned_part(value, chunk) if isinstance(value, DTensor) else value.clone()
+            unit, i = by_name[name]
+            owned = unit.owned(i)
+            self.inner.state[unit.slices[i]] = {
+                key: value.to_local().reshape(-1)[owned].clone() if isinstance(value, DTensor) else value.clone()
                 for key, value in entries.items()
             }
         for group, saved in zip(self.inner.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
 
-    def _owned_part(self, value: DTensor, chunk: int) -> torch.Tensor:
-        flat = value.to_local().reshape(-1)
-        return flat[self._owned_range(chunk, flat.numel())].clone()
+    def _positions(self) -> Iterator[tuple[_UnitSlices, int]]:
+        """(unit, index in unit) of every parameter, in the order of :attr:`names`."""
+        for unit in self.units:
+            for i in range(len(unit.params)):
+                yield unit, i

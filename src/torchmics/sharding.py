@@ -43,6 +43,11 @@ class MixedPrecision:
     reduce_dtype: torch.dtype | None = None
     replica_reduce_dtype: torch.dtype | None = None
 
+    @property
+    def replica_hop_dtype(self) -> torch.dtype | None:
+        """The dtype gradients cross the replication group in; ``None``: the gradients' own dtype."""
+        return self.replica_reduce_dtype or self.reduce_dtype or self.param_dtype
+
     def to_fsdp(self) -> MixedPrecisionPolicy:
         return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
 
@@ -53,6 +58,7 @@ class ShardState:
 
     topology: Topology
     mixed_precision: MixedPrecision
+    units: list[nn.Module]  # the FSDP2 units that communicate, children before parents
     replica: ReplicaReduction | None  # set when torchmics, not FSDP2, runs the replica all-reduce
     optimizer_across_replicas: bool
     optimizer: object | None = None  # the ReplicaShardedOptimizer, once built
@@ -121,7 +127,7 @@ def shard(
     if replica is not None:
         for index, unit in enumerate(units):
             unit.set_all_reduce_hook(replica.hook_for(index))
-    setattr(model, _STATE_ATTR, ShardState(topology, mixed_precision, replica, shard_optimizer_across_replicas))
+    setattr(model, _STATE_ATTR, ShardState(topology, mixed_precision, units, replica, shard_optimizer_across_replicas))
     return model
 
 
