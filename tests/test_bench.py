@@ -30,6 +30,19 @@ def test_bench_runs_each_system_and_writes_table_and_chart(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
+def test_profile_writes_kernel_table_and_trace(tmp_path):
+    """--profile runs one extra step under torch.profiler: its table names the step's real ops."""
+    args = ["bench", "--out", str(tmp_path), "--systems", "torchmics-replica-optimizer", "--emulate-nodes", "2",
+            "--partition-size", "1", "--steps", "1", "--warmup", "1", "--seq-len", "32", "--profile"]
+    assert main(args) == 0
+    [record] = _records(tmp_path)
+    assert record["status"] == "ok", record.get("error")
+    assert record["profile"]["profiled_step_s"] > 0
+    table = (tmp_path / "profiles" / "torchmics-replica-optimizer-accum2.txt").read_text()
+    assert "aten::mm" in table and "reduce_scatter" in table  # matmuls and the replica hop were seen
+    assert (tmp_path / "profiles" / "torchmics-replica-optimizer-accum2.json.gz").stat().st_size > 0
+
+
 def test_collectives_compare_flat_and_hierarchical(tmp_path):
     assert main(["bench", "--collectives", "--emulate-nodes", "2", "--out", str(tmp_path)]) == 0
     records = _records(tmp_path)

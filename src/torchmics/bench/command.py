@@ -40,6 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--param-dtype", choices=("bf16", "fp32"), default="bf16" if ON_GPU else "fp32")
     p.add_argument("--replica-reduce-dtype", choices=("bf16", "fp32"), default=None,
                    help="torchmics systems: dtype of the replica hop (precision per hop); default: --reduce-dtype")
+    p.add_argument("--compile", action="store_true", help="torch.compile every unit (blocks) of every system")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one extra step per system (rank 0): kernel table and Chrome trace in <out>/profiles, "
+                   "compute / communication / exposed seconds in results.jsonl")
     p.add_argument("--collectives", action="store_true", help="measure flat vs hierarchical collectives instead")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>-<nodes>x<gpus>)")
     p.set_defaults(run=run)
@@ -51,8 +55,10 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         why = f" ({DEEPSPEED_UNAVAILABLE})" if DEEPSPEED_UNAVAILABLE and any(s.startswith("deepspeed") for s in unknown) else ""
         raise ValueError(f"unknown systems {unknown}{why}; valid: {', '.join(SYSTEMS)}")
     LocalLaunch(args.nproc, args.emulate_nodes)  # validates the split into nodes
+    profile_dir = str(_out_dir(args) / "profiles") if args.profile else None
     return BenchConfig(args.model, args.micro_batch, args.seq_len, args.accum, args.steps, args.warmup,
-                       args.emulate_nodes, args.nproc, args.reduce_dtype, args.param_dtype, args.replica_reduce_dtype)
+                       args.emulate_nodes, args.nproc, args.reduce_dtype, args.param_dtype, args.replica_reduce_dtype,
+                       args.compile, profile_dir)
 
 
 def _out_dir(args: argparse.Namespace) -> Path:

@@ -13,20 +13,28 @@ def load_results(path: Path) -> list[dict]:
 def _setting(r: dict) -> str:
     where = f"{r['nodes']} emulated nodes x {r['gpus_per_node']}" if r.get("emulated") else f"{r['nodes'] * r['gpus_per_node']} GPU(s), 1 node"
     replica = f" ({r['replica_reduce_dtype']} replica hop)" if r.get("replica_reduce_dtype") else ""
-    return f"{where}, accum {r['accum']}, {r['reduce_dtype']} reduce{replica}"
+    compiled = ", compiled" if r.get("compiled") else ""
+    return f"{where}, accum {r['accum']}, {r['reduce_dtype']} reduce{replica}{compiled}"
+
+
+def _profile_cell(r: dict) -> str:
+    """compute / communication / exposed seconds of the profiled step, when there was one on a GPU."""
+    p = r.get("profile") or {}
+    return f"{p['compute_s']:.2f} / {p['comm_s']:.2f} / {p['exposed_s']:.2f}" if "compute_s" in p else "-"
 
 
 def markdown_table(records: list[dict]) -> str:
-    rows = ["| setting | system | partition | tok/s/GPU | MFU | step s | peak GiB | status |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| setting | system | partition | tok/s/GPU | MFU | step s | peak GiB | compute / comm / exposed s | status |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in records if r.get("kind") != "collective"):
         if r.get("status") == "ok":
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
             mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
             rows.append(f"| {_setting(r)} | {r['system']} | {r['partition_size']} | {r['tokens_per_s_per_gpu']:,.0f} | "
-                        f"{mfu} | {r['step_time_s']:.3f} | {mem} | ok |")
+                        f"{mfu} | {r['step_time_s']:.3f} | {mem} | {_profile_cell(r)} | ok |")
         else:
             error = r.get("error", "").splitlines()[-1][:80] if r.get("error") else ""
-            rows.append(f"| {_setting(r)} | {r['system']} | {r['partition_size']} | - | - | - | - | failed: {error} |")
+            rows.append(f"| {_setting(r)} | {r['system']} | {r['partition_size']} | - | - | - | - | - | failed: {error} |")
     collectives = [r for r in records if r.get("kind") == "collective"]
     if collectives:
         rows += ["", "| op | algo | ranks | nodes x GPUs | MiB | bus GB/s |", "|---|---|---|---|---|---|"]

@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from torchmics.bench.profile import profile_step
 from torchmics.bench.systems import LEARNING_RATE, SYSTEMS, BenchSpec
 from torchmics.models import build_model, causal_lm_loss, logits_of
 from torchmics.sharding import DTYPES
 from torchmics.topology import ensure_process_group
+from torchmics.wrapping import compile_units
 from torchmics.train.launcher import LocalLaunch, spawn
 
 # Dense bf16 peak of the cards we measure on (vendor datasheets, SXM parts).
@@ -42,6 +44,8 @@ class BenchConfig:
     reduce_dtype: str  # "bf16" | "fp32"
     param_dtype: str
     replica_reduce_dtype: str | None = None  # torchmics only: the replica hop's own dtype
+    compile: bool = False  # torch.compile every unit (all systems alike)
+    profile_dir: str | None = None  # profile one extra step on rank 0 into this folder
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -62,14 +66,13 @@ def _measure(cfg: BenchConfig, system: str, partition_size: int, out_file: str) 
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     torch.manual_seed(0)
     model, info = build_model(cfg.model, cfg.seq_len)
+    if cfg.compile:
+        compile_units(model)
     prepared = SYSTEMS[system](spec, model)
     optimizer = prepared.optimizer or torch.optim.AdamW(prepared.model.parameters(), lr=LEARNING_RATE, fused=cuda)
     generator = torch.Generator(device=device).manual_seed(dist.get_rank())
-    times = []
-    for step in range(cfg.warmup + cfg.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        began = time.perf_counter()
+
+    def run_step() -> None:
         for micro in range(cfg.accum):
             tokens = torch.randint(0, info.vocab_size, (cfg.micro_batch, info.seq_len + 1), device=device, generator=generator)
             autocast = torch.autocast(device.type, torch.bfloat16) if prepared.autocast else contextlib.nullcontext()
@@ -78,14 +81,26 @@ def _measure(cfg: BenchConfig, system: str, partition_size: int, out_file: str) 
                 (prepared.backward or torch.Tensor.backward)(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    times = []
+    for step in range(cfg.warmup + cfg.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        run_step()
         if cuda:
             torch.cuda.synchronize()
         if step >= cfg.warmup:
             times.append(time.perf_counter() - began)
     step_time = torch.tensor(statistics.median(times), device=device)
     dist.all_reduce(step_time, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+    profiled = {}
+    if cfg.profile_dir and dist.get_rank() == 0:
+        profiled = {"profile": profile_step(run_step, Path(cfg.profile_dir) / f"{system}-accum{cfg.accum}")}
+    elif cfg.profile_dir:
+        run_step()  # every rank takes part in the profiled step's collectives
     if dist.get_rank() == 0:
-        record = _record(cfg, spec, info, step_time.item(), device)
+        record = _record(cfg, spec, info, step_time.item(), device) | profiled
         Path(out_file).write_text(json.dumps(record))
 
 
@@ -115,6 +130,7 @@ def _record(cfg: BenchConfig, spec: BenchSpec, info, step_time: float, device: t
         "device": name,
         "torch": torch.__version__,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
+        "compiled": cfg.compile,
         "status": "ok",
     }
 

@@ -25,6 +25,7 @@ from torchmics.train.config import TrainConfig
 from torchmics.train.data import BatchSampler, load_tokens
 from torchmics.train.report import Reporter, peak_memory_bytes
 from torchmics.train.resolve import job_sizes, resolve_partition_size
+from torchmics.wrapping import compile_units
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -45,14 +46,8 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
-        for block in _blocks(model):
-            block.compile()
+        compile_units(model)
     return model
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=lambda l: sum(p.numel() for p in l.parameters()))) if lists else [model]
 
 
 def train_step(model: nn.Module, sampler: BatchSampler, step: int, accum: int, device: torch.device) -> torch.Tensor:
