@@ -2,7 +2,7 @@
 # Every peer in one call on 2 GPUs (issue 4 and 9): 2 emulated nodes x 1 GPU, accumulation 4, bf16
 # reduction, 1.4B preset, with one profiled step per system. Part "check" first trains gpt2-124m on the
 # same emulated nodes with and without the replica-sharded optimizer (their losses must agree).
-# DeepSpeed 0.18.9 travels as wheels in .whl/ (carry it). Usage: bash benchmarks/gpu_2x_peers.sh [check|peers|all]
+# DeepSpeed 0.18.9 travels as wheels in .whl/ (carry it). Usage: bash benchmarks/gpu_2x_peers.sh [check|peers|replica|all]
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -19,6 +19,10 @@ if [ "$part" = all ] || [ "$part" = check ]; then
       --accum 2 --steps 30 --warmup 5 --eval-every 30 --emulate-nodes 2 --partition-size 1 $extra \
       --out "$OUT/train-$variant" 2>&1 | quiet | tail -n 6 | tee -a "$OUT/check.log"
   done
+fi
+if [ "$part" = replica ]; then  # the replica-sharded optimizer next to plain two-hop, profiled
+  python3 -m torchmics.cli bench --steps 4 --warmup 2 --out "$OUT/replica" --emulate-nodes 2 --accum 4 \
+    --partition-size 1 --reduce-dtype bf16 --profile --systems torchmics,torchmics-replica-optimizer 2>&1 | quiet | tee -a "$OUT/bench.log"
 fi
 if [ "$part" = all ] || [ "$part" = peers ]; then
   python3 -m torchmics.cli bench --steps 4 --warmup 2 --out "$OUT/emulated" --emulate-nodes 2 --accum 4 \

@@ -39,10 +39,10 @@ def profile_step(run_step: Callable[[], None], out_prefix: Path) -> dict:
 
 
 def _kernel_seconds(prof: profile) -> tuple[float, float]:
-    """Summed device time of compute kernels and of NCCL kernels."""
+    """Summed device time of compute kernels and of NCCL kernels (GPU-side annotations left out)."""
     compute = comm = 0.0
     for event in prof.events():
-        if event.device_type != DeviceType.CUDA:
+        if event.device_type != DeviceType.CUDA or getattr(event, "is_user_annotation", False):
             continue
         seconds = event.time_range.elapsed_us() / 1e6
         if "nccl" in event.name.lower():
