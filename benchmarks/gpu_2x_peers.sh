@@ -21,7 +21,7 @@ if [ "$part" = all ] || [ "$part" = check ]; then
   done
 fi
 if [ "$part" = replica ]; then  # the replica-sharded optimizer next to plain two-hop, profiled
-  python3 -m torchmics.cli bench --steps 4 --warmup 2 --out "$OUT/replica" --emulate-nodes 2 --accum 4 \
+  python3 -m torchmics.cli bench --steps 6 --warmup 2 --out "$OUT/replica" --emulate-nodes 2 --accum 4 \
     --partition-size 1 --reduce-dtype bf16 --profile --systems torchmics,torchmics-replica-optimizer 2>&1 | quiet | tee -a "$OUT/bench.log"
 fi
 if [ "$part" = all ] || [ "$part" = peers ]; then

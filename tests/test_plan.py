@@ -243,6 +243,27 @@ def test_two_hop_amortises_the_replica_all_reduce():
     assert (once.all_reduce, every.all_reduce) == (pytest.approx(10 * ar), pytest.approx(40 * ar))
 
 
+def test_replica_sharded_optimizer_moves_the_all_reduce_bytes_as_two_halves():
+    """Reduce-scatter in backward (each block's half hides like the all-reduce), all-gather after the step."""
+    plain = Strategy.mics(1, param_bytes=4)  # fp32 everywhere, so both hops move the same bytes
+    sharded = dataclasses.replace(plain, replica_sharded_optimizer=True)
+    a, b = (step_time(TOY, SLOW, 2, s, micro_batch=1, accum=4) for s in (plain, sharded))
+    half = 0.5 * 4e8 / 1e9  # one block's fp32 gradient (or parameters) over 2 replicas, one pass: 0.2 s
+    forward = a.compute / 4 / 3
+    synced = forward + 10 * half + 2 * forward / 10
+    assert b.total == pytest.approx(3 * 3 * forward + synced + 10 * half + b.optimizer)
+    assert b.all_reduce == pytest.approx(a.all_reduce)
+    assert b.optimizer == pytest.approx(a.optimizer / 2)  # AdamW over 1/W instead of 1/P of the states
+
+
+def test_replica_hop_has_its_own_dtype_in_the_cost_model():
+    fp32 = Strategy.mics(1, reduce_bytes=4)
+    bf16_hop = dataclasses.replace(fp32, replica_reduce_bytes=2)
+    a, b = (step_time(TOY, SLOW, 2, s, micro_batch=1, accum=4) for s in (fp32, bf16_hop))
+    assert b.all_reduce == pytest.approx(a.all_reduce / 2)
+    assert b.reduce_scatter == pytest.approx(a.reduce_scatter)  # the partition hop keeps its dtype
+
+
 def test_partition_must_be_node_aligned():
     with pytest.raises(ValueError, match="node-aligned"):
         step_time(ONE_B, get_profile("p4d"), 3, Strategy.mics(12), micro_batch=1)
@@ -417,6 +438,17 @@ CHECKS = committed_checks(RESULTS)  # every run predicted by a profile calibrate
 def test_models_predict_every_bench_run(check):
     assert abs(check.throughput_error) <= 0.15, f"predicted {check.tokens_per_s_per_gpu:,.0f} tok/s/GPU"
     assert abs(check.memory_error) <= 0.15, f"predicted {check.memory_gib:.1f} GiB"
+
+
+BEYOND = [RESULTS / name / "results.jsonl" for name in ("h200-emulated-2x1-replica", "h200-emulated-2x1-precision")]
+
+
+@pytest.mark.parametrize("record", [r for path in BEYOND for r in training_records(read_jsonl(path))],
+                         ids=lambda r: f"{r['system']}-{r['reduce_dtype']}-{r.get('replica_reduce_dtype')}")
+def test_memory_model_predicts_the_beyond_mics_runs(record):
+    """Optimizer states over replicas and per-hop precision: measured peak memory within 15% of the model."""
+    _, memory = predict_record(PROFILES["emulated-h200"], record)
+    assert memory.total_gib == pytest.approx(record["peak_mem_gib"], rel=0.15)
 
 
 def test_bench_runs_cover_every_strategy():

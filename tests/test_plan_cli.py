@@ -44,6 +44,19 @@ def test_plan_prints_the_planners_recommendation(capsys):
     assert out.count("| mics P=") == len(candidates)
 
 
+def test_plan_with_beyond_mics_options(capsys):
+    """The flags reach the planner: its recommendation is the library's for the same options."""
+    argv = ["--model", "1.4b", "--nodes", "2", "--gpus-per-node", "1", "--cluster", "emulated-h100", "--accum", "4"]
+    code, out, _ = _run(capsys, "plan", *argv, "--optimizer-over-replicas", "--replica-reduce-dtype", "bf16")
+    options = Strategy("mics", replica_reduce_bytes=2, replica_sharded_optimizer=True)
+    cluster = with_gpus_per_node(get_profile("emulated-h100"), 1)
+    best = recommend(plan(ModelSpec.from_preset("1.4b"), cluster, 2, micro_batch=4, accum=4, options=options))
+    assert code == 0
+    assert "bf16 replica hop, optimizer states sharded across replicas" in out
+    assert _recommendation_line(out).startswith(f"**Recommendation: {best.label}**")
+    assert f"{best.memory.total_gib:.1f}" in out
+
+
 def test_plan_of_a_bare_shape(capsys):
     argv = ["--params", "13e9", "--layers", "40", "--d-model", "5120", "--nodes", "4", "--activation-checkpointing"]
     code, out, _ = _run(capsys, "plan", *argv, "--reduce-dtype", "bf16")

@@ -75,6 +75,10 @@ def _add_common(p: argparse.ArgumentParser, default_cluster: str) -> None:
     train.add_argument("--activation-checkpointing", action="store_true")
     train.add_argument("--param-dtype", choices=tuple(DTYPE_BYTES), default="bf16")
     train.add_argument("--reduce-dtype", choices=tuple(DTYPE_BYTES), default="fp32")
+    train.add_argument("--replica-reduce-dtype", choices=tuple(DTYPE_BYTES), default=None,
+                       help="dtype of the replica hop alone (precision per hop); default: --reduce-dtype")
+    train.add_argument("--optimizer-over-replicas", action="store_true",
+                       help="shard optimizer states across replicas too (torchmics.ReplicaShardedOptimizer)")
 
 
 def positive_int(text: str) -> int:
@@ -130,7 +134,9 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterProfile:
 
 def options_from_args(args: argparse.Namespace) -> Strategy:
     """Precision shared by every candidate (two-hop sync on, as torchmics runs it)."""
-    return Strategy("mics", param_bytes=DTYPE_BYTES[args.param_dtype], reduce_bytes=DTYPE_BYTES[args.reduce_dtype])
+    replica = DTYPE_BYTES[args.replica_reduce_dtype] if args.replica_reduce_dtype else None
+    return Strategy("mics", param_bytes=DTYPE_BYTES[args.param_dtype], reduce_bytes=DTYPE_BYTES[args.reduce_dtype],
+                    replica_reduce_bytes=replica, replica_sharded_optimizer=args.optimizer_over_replicas)
 
 
 def setting(args: argparse.Namespace, model: ModelSpec, cluster: ClusterProfile) -> str:
@@ -138,6 +144,8 @@ def setting(args: argparse.Namespace, model: ModelSpec, cluster: ClusterProfile)
     training = (
         f"micro-batch {args.micro_batch} x {model.seq_len} tokens, accumulation {args.accum}, "
         f"{args.param_dtype} params, {args.reduce_dtype} gradient reduction, two-hop sync"
+        + (f", {args.replica_reduce_dtype} replica hop" if args.replica_reduce_dtype else "")
+        + (", optimizer states sharded across replicas" if args.optimizer_over_replicas else "")
         + (", activation checkpointing" if args.activation_checkpointing else "")
     )
     return "\n".join([

@@ -60,12 +60,15 @@ def shard_collective_time(nbytes: float, partition: int, cluster: ClusterProfile
     return inter + ring_time(k, nbytes, cluster.intra)
 
 
-def replica_all_reduce_time(nbytes: float, world: int, partition: int, cluster: ClusterProfile) -> float:
-    """All-reduce of each GPU's ``nbytes`` gradient shard across the ``world / partition`` replicas."""
+def replica_all_reduce_time(nbytes: float, world: int, partition: int, cluster: ClusterProfile, passes: int = 2) -> float:
+    """All-reduce of each GPU's ``nbytes`` gradient shard across the ``world / partition`` replicas.
+
+    ``passes=1`` is half of it: the reduce-scatter, or the all-gather, of the replica-sharded optimizer.
+    """
     replicas, k = world // partition, cluster.gpus_per_node
     if world <= k:
-        return ring_time(replicas, nbytes, cluster.intra, passes=2)
-    return ring_time(replicas, nbytes, cluster.inter, passes=2, sharers=min(partition, k))
+        return ring_time(replicas, nbytes, cluster.intra, passes=passes)
+    return ring_time(replicas, nbytes, cluster.inter, passes=passes, sharers=min(partition, k))
 
 
 # Fused AdamW on fp32 states: reads parameter, gradient and two moments, writes parameter and moments.
@@ -129,14 +132,20 @@ def step_time(
     backward = 2 * forward + (forward if activation_checkpointing else 0.0)
     layers = model.n_layer
 
+    replica_passes = 1 if strategy.replica_sharded_optimizer else 2  # a reduce-scatter, or an all-reduce
+
     def collectives(params: int) -> tuple[float, float, float]:
-        """(all-gather, reduce-scatter, replica all-reduce) seconds of one unit of ``params``."""
+        """(all-gather, reduce-scatter, replica hop in backward) seconds of one unit of ``params``."""
         gather = shard_collective_time(params * strategy.param_bytes, p, cluster, strategy.hierarchical)
         scatter = shard_collective_time(params * strategy.reduce_bytes, p, cluster, strategy.hierarchical)
-        return gather, scatter, replica_all_reduce_time(params * strategy.reduce_bytes / p, world, p, cluster)
+        replica = replica_all_reduce_time(params * strategy.replica_hop_bytes / p, world, p, cluster, replica_passes)
+        return gather, scatter, replica
 
     ag, rs, ar = collectives(model.layer_params)
     ag_root, rs_root, ar_root = collectives(model.embedding_params)
+    # The replica-sharded optimizer all-gathers the updated parameters after its step: nothing hides it.
+    regather = replica_all_reduce_time(model.num_params * strategy.param_bytes / p, world, p, cluster, 1) \
+        if strategy.replica_sharded_optimizer else 0.0
 
     def micro_step(synced: bool) -> float:
         forward_time = ag_root + pipelined(layers, ag, forward / layers)
@@ -146,14 +155,14 @@ def step_time(
 
     synced_steps = 1 if strategy.two_hop else accum
     optimizer = optimizer_time(model, strategy, world, cluster)
-    total = (accum - synced_steps) * micro_step(False) + synced_steps * micro_step(True) + optimizer
+    total = (accum - synced_steps) * micro_step(False) + synced_steps * micro_step(True) + optimizer + regather
     tps = tokens * accum / total
     return StepCost(
         compute=accum * (forward + backward),
         optimizer=optimizer,
         all_gather=accum * (ag_root + 2 * layers * ag),
         reduce_scatter=accum * (rs_root + layers * rs),
-        all_reduce=synced_steps * (ar_root + layers * ar),
+        all_reduce=synced_steps * (ar_root + layers * ar) + regather,
         total=total,
         tokens_per_s_per_gpu=tps,
         mfu=tps * model.flops_per_token / cluster.peak_flops,

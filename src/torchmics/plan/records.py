@@ -47,6 +47,8 @@ def record_strategy(record: Record) -> Strategy:
     ring; torchmics is MiCS, hierarchical where its partition spans nodes, two-hop unless told not to.
     """
     precision = {"param_bytes": DTYPE_BYTES[record["param_dtype"]], "reduce_bytes": DTYPE_BYTES[record["reduce_dtype"]]}
+    if record.get("replica_reduce_dtype"):
+        precision["replica_reduce_bytes"] = DTYPE_BYTES[record["replica_reduce_dtype"]]
     system, p = record["system"], record["partition_size"]
     if system == "ddp":
         return Strategy.ddp(two_hop=False, **precision)
@@ -55,6 +57,8 @@ def record_strategy(record: Record) -> Strategy:
     if system in ("torchmics", "torchmics-flat", "torchmics-no-two-hop", "fsdp2-hsdp"):
         hierarchical = system in ("torchmics", "torchmics-no-two-hop")
         return Strategy.mics(p, hierarchical=hierarchical, two_hop=system != "torchmics-no-two-hop", **precision)
+    if system == "torchmics-replica-optimizer":
+        return Strategy.mics(p, replica_sharded_optimizer=True, **precision)
     raise ValueError(f"no planner strategy for benchmarked system {system!r}")
 
 

@@ -25,8 +25,11 @@ class Strategy:
     (MiCS's hierarchical communication); ZeRO-3 always uses NCCL's flat ring. ``two_hop``: under gradient accumulation
     the replication all-reduce runs once per step instead of every micro-step (MiCS's two-hop sync; also
     how DDP's ``no_sync`` is usually used). ``param_bytes`` is the dtype of gathered units and compute,
-    ``reduce_bytes`` that of gradient collectives. ``replica_sharded_optimizer`` additionally shards the
-    optimizer states across replicas (W / P ways), which MiCS itself does not do.
+    ``reduce_bytes`` that of gradient collectives, ``replica_reduce_bytes`` that of the replica hop
+    alone (precision per hop; ``None``: ``reduce_bytes``). ``replica_sharded_optimizer`` additionally
+    shards the optimizer states across replicas (W / P ways), which MiCS itself does not do: the
+    replica hop becomes a reduce-scatter in backward and an all-gather of updated parameters (in
+    ``param_bytes``) after the optimizer step.
     """
 
     kind: Kind
@@ -35,7 +38,12 @@ class Strategy:
     two_hop: bool = True
     param_bytes: int = 2
     reduce_bytes: int = 4
+    replica_reduce_bytes: int | None = None
     replica_sharded_optimizer: bool = False
+
+    @property
+    def replica_hop_bytes(self) -> int:
+        return self.replica_reduce_bytes or self.reduce_bytes
 
     @classmethod
     def ddp(cls, **precision: int | bool) -> Strategy:
