@@ -9,15 +9,12 @@ reduce-scattered over the replication group, the optimizer updates its slice, an
 are all-gathered (PyTorch users ask for exactly this: pytorch/pytorch#117968, #148257).
 
 The reduce-scatter of a unit starts as soon as FSDP2 has reduced that unit's gradient inside the
-partition group (a post-accumulate-grad hook, which FSDP2 calls on its sharded parameters), on a
-stream of its own, so it overlaps with the backward of the units before it just as HSDP's
-all-reduce does. Under :func:`torchmics.no_replica_sync` the hook does nothing: FSDP2 accumulates
-the partition-reduced gradient and the replica hop runs once per optimizer step (two-hop).
+partition group, overlapping with the rest of backward, and runs once per optimizer step under
+:func:`torchmics.no_replica_sync` (see :class:`torchmics.replica.ReplicaHop`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +25,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from torchmics.sharding import ShardState, shard_state
+from torchmics.replica import ReplicaHop, pack, units_of_params
+from torchmics.sharding import shard_state
 
 
 @dataclass
@@ -66,11 +64,8 @@ class _UnitSlices:
 
     def pack_gradients(self, dtype: torch.dtype, replicas: int) -> torch.Tensor:
         """The reduce-scatter input: every local gradient (zeros where absent) in ``dtype``, padded."""
-        flat = torch.zeros(replicas * self.chunk, dtype=dtype, device=self.slices[0].device)
-        present = [(p.grad.to_local().reshape(-1), s) for p, s in zip(self.params, self.starts) if p.grad is not None]
-        if present:
-            torch._foreach_copy_([flat[s : s + g.numel()] for g, s in present], [g for g, _ in present])
-        return flat
+        grads = [p.grad.to_local() if p.grad is not None else torch.zeros_like(f) for p, f in zip(self.params, self.flats)]
+        return pack(grads, replicas * self.chunk, dtype)
 
     def pack_owned(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """This rank's chunk assembled from one tensor per parameter shaped like its slice."""
@@ -92,18 +87,6 @@ class _UnitSlices:
         torch._foreach_copy_(targets, sources)
 
 
-def _units_of_params(state: ShardState) -> list[list[DTensor]]:
-    """The trainable parameters each unit communicates (children come first, so each counts once)."""
-    seen: set[int] = set()
-    groups = []
-    for unit in state.units:
-        params = [p for p in unit.parameters() if p.requires_grad and id(p) not in seen]
-        seen.update(id(p) for p in params)
-        if params:
-            groups.append(params)
-    return groups
-
-
 class ReplicaShardedOptimizer:
     """Wraps any ``torch.optim`` optimizer so that its state covers this rank's slice of its shard.
 
@@ -117,7 +100,7 @@ class ReplicaShardedOptimizer:
     """
 
     def __init__(self, model: nn.Module, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> None:
-        self._state = state = shard_state(model)
+        state = shard_state(model)
         if not state.optimizer_across_replicas:
             raise ValueError(
                 "ReplicaShardedOptimizer needs a model sharded with "
@@ -131,51 +114,28 @@ class ReplicaShardedOptimizer:
         self.replicas, index = self.group.size(), self.group.rank()
         self.wire_dtype = state.mixed_precision.replica_hop_dtype
         self.compute_dtype = state.mixed_precision.param_dtype
-        self.units = [_UnitSlices.build(params, self.replicas, index) for params in _units_of_params(state)]
+        params_per_unit = units_of_params(state.units)
+        self.units = [_UnitSlices.build(params, self.replicas, index) for params in params_per_unit]
         names = {id(p): name for name, p in model.named_parameters()}
         self.names = [names[id(p)] for unit in self.units for p in unit.params]
         self.slices = [s for unit in self.units for s in unit.slices]
         self.inner = optimizer_class(self.slices, **kwargs)
-        device = self.slices[0].device
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._arrived = [0] * len(self.units)  # gradients FSDP2 has delivered, per unit, this backward
         self._pending: dict[int, torch.Tensor] = {}  # unit -> its reduce-scatter output, not yet handed out
         self._launched: set[int] = set()  # units whose replica reduce-scatter ran this step
-        for u, unit in enumerate(self.units):
-            for param in unit.params:
-                param.register_post_accumulate_grad_hook(lambda _, u=u: self._on_gradient(u))
+        self._hop = ReplicaHop(params_per_unit, self._reduce_scatter, lambda: state.in_no_replica_sync)
         state.optimizer = self  # clipping and full state dicts go through the owned slices
 
     @property
     def param_groups(self) -> list[dict]:
         return self.inner.param_groups
 
-    def _on_gradient(self, u: int) -> None:
-        """FSDP2 finished one parameter's gradient; the unit's last one starts its replica hop."""
-        if self._state.in_no_replica_sync:
-            return
-        self._arrived[u] += 1
-        if self._arrived[u] == len(self.units[u].params):
-            self._reduce_scatter(u)
-
     def _reduce_scatter(self, u: int) -> None:
-        with self._side_stream():
+        with self._hop.side_stream():
             send = self.units[u].pack_gradients(self.wire_dtype or self.slices[0].dtype, self.replicas)
             mine = torch.empty(self.units[u].chunk, dtype=send.dtype, device=send.device)
             dist.reduce_scatter_tensor(mine, send, op=dist.ReduceOp.AVG, group=self.group)
         self._pending[u] = mine
         self._launched.add(u)
-        self._arrived[u] = 0
-
-    @contextlib.contextmanager
-    def _side_stream(self) -> Iterator[None]:
-        """Run on the optimizer's own stream, after what the current stream has queued (a no-op on CPU)."""
-        if self._stream is None:
-            yield
-            return
-        self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
-            yield
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
@@ -187,8 +147,7 @@ class ReplicaShardedOptimizer:
         for u, unit in enumerate(self.units):
             if u not in self._launched and any(p.grad is not None for p in unit.params):
                 self._reduce_scatter(u)
-        if self._stream is not None:
-            torch.cuda.current_stream().wait_stream(self._stream)
+        self._hop.wait()
         for u, reduced in self._pending.items():
             unit = self.units[u]
             reduced = reduced.to(unit.slices[0].dtype)
@@ -252,7 +211,6 @@ class ReplicaShardedOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.model.zero_grad(set_to_none=set_to_none)
         self.inner.zero_grad(set_to_none=set_to_none)
-        self._arrived = [0] * len(self.units)
         self._pending.clear()
         self._launched.clear()
 

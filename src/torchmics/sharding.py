@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from torchmics.collectives import HierarchicalAllGather, HierarchicalReduceScatter
-from torchmics.replica import ReplicaReduction
+from torchmics.replica import ReplicaAllReduce
 from torchmics.topology import Topology
 from torchmics.wrapping import resolve_units
 
@@ -59,7 +59,7 @@ class ShardState:
     topology: Topology
     mixed_precision: MixedPrecision
     units: list[nn.Module]  # the FSDP2 units that communicate, children before parents
-    replica: ReplicaReduction | None  # set when torchmics, not FSDP2, runs the replica all-reduce
+    replica: ReplicaAllReduce | None  # set when torchmics, not FSDP2, runs the replica all-reduce
     optimizer_across_replicas: bool
     optimizer: object | None = None  # the ReplicaShardedOptimizer, once built
     in_no_replica_sync: bool = False
@@ -109,10 +109,11 @@ def shard(
     _check_shardable(model, topology)
     use_hierarchy = _resolve_hierarchical(hierarchical, topology)
     mixed_precision = mixed_precision or MixedPrecision()
-    replica = None if shard_optimizer_across_replicas else _replica_reduction(topology, mixed_precision)
+    torchmics_replicates = topology.num_replicas > 1 and (
+        shard_optimizer_across_replicas or mixed_precision.replica_reduce_dtype is not None
+    )
     # FSDP2 runs the replica hop itself (HSDP, 2-D mesh) unless there is none or torchmics runs it.
-    fsdp_replicates = topology.num_replicas > 1 and replica is None and not shard_optimizer_across_replicas
-    mesh = topology.mesh if fsdp_replicates else topology.mesh["shard"]
+    mesh = topology.mesh if topology.num_replicas > 1 and not torchmics_replicates else topology.mesh["shard"]
     policy = mixed_precision.to_fsdp()
     units = resolve_units(model, wrap)
     for unit in [*units, model]:
@@ -124,17 +125,12 @@ def shard(
         for unit in units:
             unit.set_custom_all_gather(all_gather)
             unit.set_custom_reduce_scatter(reduce_scatter)
-    if replica is not None:
-        for index, unit in enumerate(units):
-            unit.set_all_reduce_hook(replica.hook_for(index))
-    setattr(model, _STATE_ATTR, ShardState(topology, mixed_precision, units, replica, shard_optimizer_across_replicas))
+    state = ShardState(topology, mixed_precision, units, None, shard_optimizer_across_replicas)
+    if torchmics_replicates and not shard_optimizer_across_replicas:
+        group = topology.mesh.get_group("replicate")
+        state.replica = ReplicaAllReduce(units, group, mixed_precision.replica_reduce_dtype, lambda: state.in_no_replica_sync)
+    setattr(model, _STATE_ATTR, state)
     return model
-
-
-def _replica_reduction(topology: Topology, mixed_precision: MixedPrecision) -> ReplicaReduction | None:
-    if mixed_precision.replica_reduce_dtype is None or topology.num_replicas == 1:
-        return None
-    return ReplicaReduction(topology.mesh.get_group("replicate"), mixed_precision.replica_reduce_dtype)
 
 
 def _owns_params(model: nn.Module, units: list[nn.Module]) -> bool:
@@ -181,21 +177,13 @@ def no_replica_sync(model: nn.Module) -> Iterator[None]:
     state = shard_state(model)
     if state.in_no_replica_sync:
         raise RuntimeError("no_replica_sync(model) is already active for this model; do not nest it.")
-    state.in_no_replica_sync = True
-    _defer_replica_hop(model, state.replica, True)
+    state.in_no_replica_sync = True  # torchmics' replica hop reads this flag
+    model.set_requires_all_reduce(False)  # FSDP2's (HSDP) replica all-reduce is held back
     try:
         yield
     finally:
-        _defer_replica_hop(model, state.replica, False)
+        model.set_requires_all_reduce(True)
         state.in_no_replica_sync = False
-
-
-def _defer_replica_hop(model: nn.Module, replica: ReplicaReduction | None, defer: bool) -> None:
-    """Whoever runs the replica all-reduce (FSDP2's HSDP, or torchmics' hook) holds it back."""
-    if replica is None:
-        model.set_requires_all_reduce(not defer)
-    else:
-        replica.deferring = defer
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
