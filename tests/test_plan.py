@@ -440,7 +440,7 @@ def test_models_predict_every_bench_run(check):
     assert abs(check.memory_error) <= 0.15, f"predicted {check.memory_gib:.1f} GiB"
 
 
-BEYOND = [RESULTS / name / "results.jsonl" for name in ("h200-emulated-2x1-replica", "h200-emulated-2x1-precision")]
+BEYOND = [RESULTS / name / "results.jsonl" for name in ("h200-emulated-2x1-replica", "h200-emulated-2x1-precision", "h200-emulated-2x1-final")]
 
 
 @pytest.mark.parametrize("record", [r for path in BEYOND for r in training_records(read_jsonl(path))],
