@@ -32,11 +32,12 @@ from torchmics.plan import (
     simulate,
     step_time,
     training_records,
+    with_gpus_per_node,
     write_outputs,
 )
 from torchmics.plan.auto import gpu_profile, job_cluster, recommend_partition_size
 from torchmics.plan.memory import GIB
-from torchmics.plan.validate import committed_checks, leave_one_out, render_checks
+from torchmics.plan.validate import COMMITTED, committed_checks, leave_one_out, render_checks
 
 LINKS = {"intra": LinkClass(alpha=1e-6, beta=1e11), "inter": LinkClass(alpha=1e-5, beta=1e10)}
 
@@ -417,6 +418,17 @@ def test_calibration_round_trip(tmp_path):
     assert calibrate(fitted, path).name == fitted.name  # calibrating twice does not stack suffixes
 
 
+def test_calibration_from_nodes_of_another_size(tmp_path):
+    """Emulated 2x1 lines calibrate a 2-GPU-per-node profile: a node of 2 has twice a 1-GPU node's sockets."""
+    one_gpu_nodes = LinkClass(50e-6, 3.6e9)
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in _collective_lines(one_gpu_nodes, nodes=2, gpus_per_node=1)))
+    fitted = calibrate(PROFILES["emulated-h200"], path)
+    assert PROFILES["emulated-h200"].gpus_per_node == 2
+    assert _numbers(fitted.inter) == pytest.approx((50e-6, 2 * 3.6e9))
+    assert _numbers(with_gpus_per_node(fitted, 1).inter) == pytest.approx(_numbers(one_gpu_nodes))
+
+
 def test_calibration_keeps_what_the_results_do_not_measure(tmp_path):
     path = tmp_path / "results.jsonl"
     failed = {"system": "ddp", "nodes": 1, "emulated": False, "status": "failed"}
@@ -440,21 +452,24 @@ def test_models_predict_every_bench_run(check):
     assert abs(check.memory_error) <= 0.15, f"predicted {check.memory_gib:.1f} GiB"
 
 
-BEYOND = [RESULTS / name / "results.jsonl" for name in ("h200-emulated-2x1-replica", "h200-emulated-2x1-precision", "h200-emulated-2x1-final")]
+PRECISION = RESULTS / "h200-emulated-2x1-precision" / "results.jsonl"
 
 
-@pytest.mark.parametrize("record", [r for path in BEYOND for r in training_records(read_jsonl(path))],
+@pytest.mark.parametrize("record", training_records(read_jsonl(PRECISION)),
                          ids=lambda r: f"{r['system']}-{r['reduce_dtype']}-{r.get('replica_reduce_dtype')}")
-def test_memory_model_predicts_the_beyond_mics_runs(record):
-    """Optimizer states over replicas and per-hop precision: measured peak memory within 15% of the model."""
+def test_memory_model_predicts_the_precision_runs(record):
+    """The fp32-vs-bf16 replica hop call, outside COMMITTED: the cost model predicts its fp32 runs 16-17%
+    fast (within the +-10% spread between calls on that setup, plus the model's own error, but past 15%),
+    so only its memory is held to 15% here."""
     _, memory = predict_record(PROFILES["emulated-h200"], record)
     assert memory.total_gib == pytest.approx(record["peak_mem_gib"], rel=0.15)
 
 
 def test_bench_runs_cover_every_strategy():
-    assert len(CHECKS) == len(training_records(read_jsonl(NVLINK))) + len(training_records(read_jsonl(EMULATED)))
+    predicted = [RESULTS / folders[-1] / "results.jsonl" for _, folders in COMMITTED]
+    assert len(CHECKS) == sum(len(training_records(read_jsonl(path))) for path in predicted)
     systems = {c.record["system"] for c in CHECKS}
-    assert systems >= {"torchmics", "torchmics-no-two-hop", "fsdp2-full", "fsdp2-hsdp", "ddp"}
+    assert systems >= {"torchmics", "torchmics-no-two-hop", "torchmics-replica-optimizer", "fsdp2-full", "fsdp2-hsdp", "ddp"}
     assert record_strategy(next(c.record for c in CHECKS if c.record["system"] == "ddp")).two_hop is False
 
 

@@ -28,7 +28,7 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-from torchmics.plan.cluster import ClusterProfile, LinkClass
+from torchmics.plan.cluster import ClusterProfile, LinkClass, with_gpus_per_node
 from torchmics.plan.records import Record, predict_record, read_jsonl, training_records
 
 GB = 1e9
@@ -40,12 +40,27 @@ def calibrate(profile: ClusterProfile, results_jsonl_path: str | Path) -> Cluste
     return calibrate_lines(profile, read_jsonl(results_jsonl_path), str(results_jsonl_path))
 
 
+def _fit_network(profile: ClusterProfile, flat: list[Record]) -> LinkClass:
+    """The network fitted to flat multi-node lines, per node of the profile's size.
+
+    Lines measured with other GPUs per node are fitted on the profile regrouped to their node size
+    and converted back (:func:`with_gpus_per_node`: emulated nodes' bandwidth grows with their GPUs).
+    """
+    same = [r for r in flat if r["gpus_per_node"] == profile.gpus_per_node]
+    if same or not flat:
+        return fit_link(profile.inter, same)
+    k = flat[0]["gpus_per_node"]
+    regrouped = with_gpus_per_node(profile, k)
+    fitted = dataclasses.replace(regrouped, inter=fit_link(regrouped.inter, [r for r in flat if r["gpus_per_node"] == k]))
+    return dataclasses.replace(fitted.inter, beta=fitted.inter.beta * profile.inter.beta / regrouped.inter.beta)
+
+
 def calibrate_lines(profile: ClusterProfile, lines: list[Record], origin: str) -> ClusterProfile:
     """:func:`calibrate` on lines already read (``origin`` names them in the profile's source)."""
     collectives = [r for r in lines if r.get("kind") == "collective"]
     flat = [r for r in collectives if r["nodes"] > 1 and r.get("algo", "flat") == "flat"]
     intra = fit_link(profile.intra, [r for r in collectives if r["nodes"] == 1])
-    inter = fit_link(profile.inter, [r for r in flat if r["gpus_per_node"] == profile.gpus_per_node] or flat)
+    inter = _fit_network(profile, flat)
     linked = dataclasses.replace(profile, intra=intra, inter=inter)
     nvlink_runs = [r for r in training_records(lines) if r.get("nodes") == 1 and not r.get("emulated")]
     fits = [m for m in (_fit_compute_mfu(linked, r) for r in nvlink_runs) if m is not None]

@@ -23,6 +23,10 @@ RESULTS = Path("benchmarks/results")
 COMMITTED = (
     ("h100-3200", ("h100-nvlink-1x2",)),
     ("emulated-h100", ("h100-nvlink-1x2", "h100-emulated-2x1")),
+    *(
+        ("emulated-h200", ("h200-nvlink-1x2-collectives", "h200-nvlink-1x2-compile", "h200-emulated-2x1-collectives", runs))
+        for runs in ("h200-emulated-2x1-replica", "h200-emulated-2x1-final")  # the beyond-MiCS options
+    ),
 )
 
 
@@ -53,7 +57,8 @@ def leave_one_out(profile: ClusterProfile, files: Sequence[str | Path]) -> list[
         for origin, lines in contents:
             calibrated = calibrate_lines(calibrated, [line for line in lines if line is not run], origin)
         cost, memory = predict_record(calibrated, run)
-        setting = f"{Path(files[-1]).parent.name}, accum {run['accum']}, {run['reduce_dtype']} reduce"
+        hop = f" ({run['replica_reduce_dtype']} replica hop)" if run.get("replica_reduce_dtype") else ""
+        setting = f"{Path(files[-1]).parent.name}, accum {run['accum']}, {run['reduce_dtype']} reduce{hop}"
         checks.append(Check(setting, run, cost.tokens_per_s_per_gpu, memory.total_gib))
     return checks
 
