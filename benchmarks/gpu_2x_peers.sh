@@ -17,7 +17,7 @@ if [ "$part" = all ] || [ "$part" = check ]; then
   for variant in "" "--replica-reduce-dtype bf16" "--optimizer-over-replicas"; do  # the 3 replica hops
     timeout 120 python3 -m torchmics.cli train --model gpt2-124m --mixed-precision bf16 --micro-batch 8 --seq-len 1024 \
       --accum 2 --steps 30 --warmup 5 --eval-every 30 --emulate-nodes 2 --partition-size 1 $variant \
-      --out "$OUT/train-check" 2>&1 | quiet | grep "done in" | sed "s|^|[${variant:-plain}] |" | tee -a "$OUT/check.log"
+      --out "$OUT/train-check/${variant:-plain}" 2>&1 | quiet | grep "done in" | sed "s|^|[${variant:-plain}] |" | tee -a "$OUT/check.log"
   done
 fi
 if [ "$part" = replica ]; then  # the replica-sharded optimizer next to plain two-hop, profiled
