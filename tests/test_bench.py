@@ -38,9 +38,16 @@ def test_profile_writes_kernel_table_and_trace(tmp_path):
     [record] = _records(tmp_path)
     assert record["status"] == "ok", record.get("error")
     assert record["profile"]["profiled_step_s"] > 0
-    table = (tmp_path / "profiles" / "torchmics-replica-optimizer-accum2.txt").read_text()
+    table = (tmp_path / "profiles" / "torchmics-replica-optimizer-p1-accum2-bf16.txt").read_text()
     assert "aten::mm" in table and "reduce_scatter" in table  # matmuls and the replica hop were seen
-    assert (tmp_path / "profiles" / "torchmics-replica-optimizer-accum2.json.gz").stat().st_size > 0
+    assert (tmp_path / "profiles" / "torchmics-replica-optimizer-p1-accum2-bf16.json.gz").stat().st_size > 0
+
+
+def test_profile_counts_overlapping_kernels_once():
+    from torchmics.bench.profile import _union_us
+
+    assert _union_us([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
+    assert _union_us([]) == 0
 
 
 def test_collectives_compare_flat_and_hierarchical(tmp_path):

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import torchmics
 from dist_utils import run_ranks
-from toy import WIDTH, ToyBlock, ToyModel, lm_loss, make_batches
+from toy import WIDTH, PartlyUsedToyModel, ToyBlock, ToyModel, lm_loss, make_batches
 from torchmics.checkpoint import (
     checkpoint_path,
     export_checkpoint,
@@ -314,3 +314,31 @@ def test_replica_sharded_optimizer_checkpoints_interchange_with_plain(uninterrup
     assert result["plain"] == pytest.approx(expected, rel=1e-5)
     for name, value in reference[0]["state"].items():
         torch.testing.assert_close(result["state"][name], value, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _partly_used_resume(run_dir: str, over_replicas: bool) -> dict:
+    """Parameters that never get a gradient have no optimizer state: saving and resuming still works."""
+    topo = torchmics.init_mesh(partition_size=2, gpus_per_node=2)
+
+    def build():
+        torch.manual_seed(0)
+        model = torchmics.shard(PartlyUsedToyModel(), topo, shard_optimizer_across_replicas=over_replicas)
+        opt = torchmics.ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=1e-2) if over_replicas else _adamw(model)
+        return model, opt
+
+    model, opt = build()
+    losses = _train(model, opt, range(RESUME_AT))
+    save_checkpoint(checkpoint_path(run_dir, RESUME_AT), model, opt, step=RESUME_AT)
+    losses += _train(model, opt, range(RESUME_AT, STEPS))
+    resumed_model, resumed_opt = build()
+    load_checkpoint(checkpoint_path(run_dir, RESUME_AT), resumed_model, resumed_opt)
+    resumed = _train(resumed_model, resumed_opt, range(RESUME_AT, STEPS))
+    return {"losses": losses, "resumed": resumed, "state": torchmics.full_state_dict(model),
+            "resumed_state": torchmics.full_state_dict(resumed_model)}
+
+
+@pytest.mark.parametrize("over_replicas", [False, True], ids=["plain-adamw", "replica-sharded"])
+def test_resume_with_parameters_that_never_had_a_gradient(tmp_path, over_replicas):
+    result = run_ranks(_partly_used_resume, 4, str(tmp_path), over_replicas, nodes=2)[0]
+    assert result["resumed"] == result["losses"][RESUME_AT:]
+    _assert_equal(result["resumed_state"], result["state"])

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import torchmics
 from dist_utils import run_ranks
-from toy import ToyModel, lm_loss, make_batches, reference_training
+from toy import PartlyUsedToyModel, ToyModel, lm_loss, make_batches, reference_training
 from traffic import record_traffic
 
 STEPS, ACCUM = 3, 2
@@ -32,7 +32,7 @@ def build_gpt2():
     return GPT2LMHeadModel(config)
 
 
-BUILDERS = {"toy": ToyModel, "llama": build_llama, "gpt2": build_gpt2}
+BUILDERS = {"toy": ToyModel, "partly-used": PartlyUsedToyModel, "llama": build_llama, "gpt2": build_gpt2}
 
 
 def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batches: torch.Tensor,
@@ -165,6 +165,30 @@ def test_optimizer_sharded_across_replicas(world, nodes, partition):
         moments = 2 * result["shard_numel"]  # what a plain AdamW keeps on this rank
         padding = 2 * result["trainable_tensors"]  # uneven slices: at most one element per tensor and moment
         assert moments / replicas - padding <= result["optimizer_state_numel"] <= moments / replicas + padding
+
+
+@pytest.mark.parametrize("replica_hop", ["torchmics-all-reduce", "optimizer-over-replicas"])
+def test_torchmics_replica_hops_with_partly_used_units(replica_hop):
+    """A parameter no forward uses gets no update; a unit used only in the deferred micro-step is still
+    reduced across replicas (at the end of the last backward)."""
+    batches = make_batches(STEPS, ACCUM, global_batch=8)
+    dtype, over_replicas = (torch.float32, False) if replica_hop == "torchmics-all-reduce" else (None, True)
+    results = run_ranks(sharded_training, 4, 2, 2, "partly-used", batches, dtype, over_replicas, nodes=2)
+    assert_matches_reference(results[0], "partly-used", batches)  # unused weights included: never stepped
+
+
+def test_training_a_model_sharded_for_the_replica_optimizer_needs_it():
+    run_ranks(_forward_without_replica_optimizer, 4, 2, nodes=2)
+
+
+def _forward_without_replica_optimizer(gpus_per_node: int):
+    topo = torchmics.init_mesh(partition_size=2, gpus_per_node=gpus_per_node)
+    model = torchmics.shard(ToyModel(), topo, shard_optimizer_across_replicas=True)
+    tokens = make_batches(1, 1, 2)[0, 0]
+    with torch.no_grad():
+        model(tokens[:, :-1])  # evaluation is fine
+    with pytest.raises(RuntimeError, match="ReplicaShardedOptimizer"):
+        model(tokens[:, :-1])
 
 
 def test_optimizer_over_replicas_with_bf16_compute_equals_plain_mics():

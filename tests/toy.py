@@ -34,10 +34,30 @@ class ToyModel(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.embed(idx) * self.position_scale[: idx.shape[1]] + self.frozen_bias
-        for block in self.blocks:
+        for block in self.active_blocks():
             x = block(x)
         x = self.shared(torch.relu(self.shared(x)))
         return self.head(x)
+
+
+    def active_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+
+class PartlyUsedToyModel(ToyModel):
+    """Units that are not whole in every backward: each block holds a parameter that no forward uses,
+    and the last block runs only on odd forward calls (with two micro-steps per step: only in the
+    micro-step whose replica hop is deferred). Reference and sharded runs call forward alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for block in self.blocks:
+            block.unused = nn.Linear(WIDTH, WIDTH)
+        self.calls = 0
+
+    def active_blocks(self) -> list[nn.Module]:
+        self.calls += 1
+        return list(self.blocks) if self.calls % 2 else list(self.blocks)[:-1]
 
 
 def make_batches(steps: int, accum: int, global_batch: int, seed: int = 0) -> torch.Tensor:

@@ -123,6 +123,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     metadata = _read_metadata(path)
     _check_compatible(path, metadata["shapes"], _shapes(get_model_state_dict(model)))
     state = _train_state(model, optimizer)
+    if optimizer is not None:
+        _drop_state_never_saved(state["optim"], path)
     other_optimizer = "A missing `optim.` key means the checkpoint holds another optimizer type's state."
     with _ordinary_error(f"loading checkpoint {path}", other_optimizer):
         dcp.load(state, checkpoint_id=path)
@@ -136,6 +138,19 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
             stacklevel=2,
         )
     return {"step": metadata["step"], "extra": metadata["extra"]}
+
+
+def _drop_state_never_saved(optim_state: dict[str, Any], path: str) -> None:
+    """Leave out of the load template the parameters that have no optimizer state in the checkpoint.
+
+    A parameter that never had a gradient has no optimizer state when saved, but the template to load
+    into is made by a zero step over every parameter; such a parameter stays stateless, as saved.
+    """
+    prefix = "optim.state."
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    saved = {key[len(prefix):].rsplit(".", 1)[0] for key in keys if key.startswith(prefix)}
+    for name in [n for n in optim_state["state"] if n not in saved]:
+        del optim_state["state"][name]
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -262,7 +277,10 @@ def _restore_train_state(model: nn.Module, optimizer: torch.optim.Optimizer | No
         optimizer.load_sharded_state_dict(state["optim"])
         return
     optimizers = [optimizer] if optimizer is not None else []
-    set_state_dict(model, optimizers, model_state_dict=state[_MODEL_KEY], optim_state_dict=state["optim"])
+    # Not strict: parameters without saved optimizer state stay stateless (_drop_state_never_saved);
+    # the model's names and shapes were checked against the checkpoint before loading.
+    set_state_dict(model, optimizers, model_state_dict=state[_MODEL_KEY], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
 
 
 @contextlib.contextmanager

@@ -58,7 +58,8 @@ class _UnitSlices:
             low = index * chunk - start  # where this rank's chunk begins, in the parameter's coordinates
             part = slice(min(max(low, 0), flat.numel()), min(max(low + chunk, 0), flat.numel()))
             owned.append(part)
-            in_chunk.append(slice(part.start - low, part.stop - low))
+            shift = max(0, min(part.start - low, chunk))  # an empty part sits anywhere: keep it in range
+            in_chunk.append(slice(shift, shift + part.stop - part.start))
         slices = [nn.Parameter(flat[part]) for flat, part in zip(flats, owned)]
         return cls(params, flats, starts, owned, in_chunk, chunk, slices)
 
@@ -92,7 +93,8 @@ class ReplicaShardedOptimizer:
 
     ``ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=3e-4)`` builds the inner optimizer on
     views of the owned slices, so the inner update writes straight into FSDP2's sharded parameters.
-    ``param_groups`` is the inner optimizer's (learning-rate schedules work unchanged). After
+    ``param_groups`` is the inner optimizer's, so a schedule that sets ``group["lr"]`` works unchanged;
+    ``torch.optim.lr_scheduler`` classes want the inner optimizer itself (``.inner``). After
     backward, ``p.grad`` of the model holds partition-reduced gradients only; the fully reduced
     gradient of each slice is its ``grad`` once :meth:`reduce_gradients` ran (:meth:`step` and
     :func:`torchmics.clip_grad_norm_` call it). Every replica must use the same parameters in each
@@ -116,13 +118,14 @@ class ReplicaShardedOptimizer:
         self.compute_dtype = state.mixed_precision.param_dtype
         params_per_unit = units_of_params(state.units)
         self.units = [_UnitSlices.build(params, self.replicas, index) for params in params_per_unit]
-        names = {id(p): name for name, p in model.named_parameters()}
-        self.names = [names[id(p)] for unit in self.units for p in unit.params]
+        self._name_of = {id(p): name for name, p in model.named_parameters()}
+        self.names = [self._name_of[id(p)] for unit in self.units for p in unit.params]
         self.slices = [s for unit in self.units for s in unit.slices]
         self.inner = optimizer_class(self.slices, **kwargs)
-        self._pending: dict[int, torch.Tensor] = {}  # unit -> its reduce-scatter output, not yet handed out
+        # unit -> (its reduce-scatter output, which parameters had a gradient), not yet handed out
+        self._pending: dict[int, tuple[torch.Tensor, list[bool]]] = {}
         self._launched: set[int] = set()  # units whose replica reduce-scatter ran this step
-        self._hop = ReplicaHop(params_per_unit, self._reduce_scatter, lambda: state.in_no_replica_sync)
+        self._hop = ReplicaHop(params_per_unit, self._reduce_scatter, lambda: state.in_no_replica_sync, model)
         state.optimizer = self  # clipping and full state dicts go through the owned slices
 
     @property
@@ -134,7 +137,7 @@ class ReplicaShardedOptimizer:
             send = self.units[u].pack_gradients(self.wire_dtype or self.slices[0].dtype, self.replicas)
             mine = torch.empty(self.units[u].chunk, dtype=send.dtype, device=send.device)
             dist.reduce_scatter_tensor(mine, send, op=dist.ReduceOp.AVG, group=self.group)
-        self._pending[u] = mine
+        self._pending[u] = mine, [p.grad is not None for p in self.units[u].params]
         self._launched.add(u)
 
     @torch.no_grad()
@@ -148,11 +151,13 @@ class ReplicaShardedOptimizer:
             if u not in self._launched and any(p.grad is not None for p in unit.params):
                 self._reduce_scatter(u)
         self._hop.wait()
-        for u, reduced in self._pending.items():
+        for u, (reduced, had_grad) in self._pending.items():
             unit = self.units[u]
+            if self._hop.on_gpu:
+                reduced.record_stream(torch.cuda.current_stream())  # made on the hop's stream, read here
             reduced = reduced.to(unit.slices[0].dtype)
-            for owned, where in zip(unit.slices, unit.in_chunk):
-                owned.grad = reduced[where]
+            for owned, where, had in zip(unit.slices, unit.in_chunk, had_grad):
+                owned.grad = reduced[where] if had else None  # no gradient, no update (as torch.optim)
         self._pending.clear()
 
     @torch.no_grad()
@@ -213,6 +218,7 @@ class ReplicaShardedOptimizer:
         self.inner.zero_grad(set_to_none=set_to_none)
         self._pending.clear()
         self._launched.clear()
+        self._hop.reset()
 
     def sharded_state_dict(self) -> dict[str, Any]:
         """The state a plain optimizer would have under FSDP2 (DTensors keyed by parameter name).
@@ -226,18 +232,21 @@ class ReplicaShardedOptimizer:
             self._create_state()
         self.synchronize_master_weights()
         state: dict[str, dict[str, Any]] = {}
-        names = iter(self.names)
         for unit in self.units:
-            entries = [self.inner.state[owned] for owned in unit.slices]
+            # A parameter that never had a gradient has no state, on every replica alike.
+            entries = [self.inner.state.get(owned, {}) for owned in unit.slices]
             per_param: list[dict[str, Any]] = [{} for _ in unit.params]
-            for key, value in entries[0].items():
+            for key, value in next((e for e in entries if e), {}).items():
                 if value.dim():
-                    for i, local in enumerate(self._gather_state(unit, [e[key] for e in entries])):
-                        per_param[i][key] = self._as_dtensor(local, unit.params[i])
+                    parts = [e[key] if key in e else torch.zeros_like(s) for e, s in zip(entries, unit.slices)]
+                    for i, local in enumerate(self._gather_state(unit, parts)):
+                        if entries[i]:
+                            per_param[i][key] = self._as_dtensor(local, unit.params[i])
                 else:  # scalars (``step``) are the same for every slice
                     for i, entry in enumerate(entries):
-                        per_param[i][key] = entry[key].clone()
-            state.update((next(names), entry) for entry in per_param)
+                        if entry:
+                            per_param[i][key] = entry[key].clone()
+            state.update((self._name_of[id(p)], entry) for p, entry in zip(unit.params, per_param) if entry)
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(self.names)} for g in self.inner.param_groups]
         return {"state": state, "param_groups": groups}
 
@@ -266,6 +275,7 @@ class ReplicaShardedOptimizer:
     def load_sharded_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Inverse of :meth:`sharded_state_dict`: keep this rank's slice of every state tensor."""
         by_name = {name: (unit, i) for name, (unit, i) in zip(self.names, self._positions())}
+        self.inner.state.clear()  # a parameter absent from ``state_dict`` had no state when saved
         for name, entries in state_dict["state"].items():
             unit, i = by_name[name]
             owned = unit.owned[i]

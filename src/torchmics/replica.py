@@ -13,8 +13,10 @@ is in ``.grad`` (summed over the micro-steps so far, in the parameter's dtype). 
 gradient of a unit arrives in a backward outside :func:`torchmics.no_replica_sync`, the unit's
 replica collective starts on a stream of its own, so it overlaps with the backward of the units
 before it, as HSDP's all-reduce does; at the end of backward the compute stream waits for it. Under
-``no_replica_sync`` the hooks do nothing: FSDP2 accumulates into ``.grad`` and the replica hop runs
-once per optimizer step (two-hop), with no buffer besides the gradient itself.
+``no_replica_sync`` the hooks only take note: FSDP2 accumulates into ``.grad`` and the replica hop
+runs once per optimizer step (two-hop), with no buffer besides the gradient itself. (Accumulating
+*without* ``no_replica_sync`` reduces the accumulated gradient at every backward: correct, but it
+sends the whole gradient each time, as FSDP2 does, and rounds it again in a bf16 hop.)
 """
 
 from __future__ import annotations
@@ -43,24 +45,38 @@ def units_of_params(units: list[nn.Module]) -> list[list[DTensor]]:
 class ReplicaHop:
     """Calls ``collective(u)`` once FSDP2 has delivered every gradient of unit ``u`` (outside deferral).
 
-    A unit some of whose parameters got no gradient in a backward is handed to ``collective`` at the
-    end of that backward instead. Every replica must use the same parameters in each backward, as
-    with DDP without ``find_unused_parameters``, so that the collectives match across replicas.
+    A unit that is not complete by the end of a backward outside deferral (some parameter got no
+    gradient, or the unit got gradients only in deferred micro-steps) is handed to ``collective`` at
+    the end of that backward instead. Every replica must use the same parameters in each backward,
+    as with DDP without ``find_unused_parameters``, so that the collectives match across replicas.
     """
 
     def __init__(self, params_per_unit: list[list[DTensor]], collective: Callable[[int], None],
-                 deferred: Callable[[], bool]) -> None:
+                 deferred: Callable[[], bool], root: nn.Module) -> None:
         self.params_per_unit = params_per_unit
         self._collective, self._deferred = collective, deferred
         device = params_per_unit[0][0].device if params_per_unit else torch.device("cpu")
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._arrived = [0] * len(params_per_unit)
+        self._arrived = [0] * len(params_per_unit)  # gradients delivered in this backward, per unit
+        self._waiting: set[int] = set()  # units holding gradients that no collective has reduced yet
         self._end_queued = False
         for u, params in enumerate(params_per_unit):
             for param in params:
                 param.register_post_accumulate_grad_hook(lambda _, u=u: self._on_gradient(u))
+        root.register_forward_pre_hook(lambda *_: self._start_iteration())
+
+    def _start_iteration(self) -> None:
+        """Forget a backward that never finished (an exception inside it), so the next one starts clean."""
+        self._arrived = [0] * len(self.params_per_unit)
+        self._end_queued = False
+
+    def reset(self) -> None:
+        """Drop everything pending: the gradients were discarded (``zero_grad``)."""
+        self._start_iteration()
+        self._waiting.clear()
 
     def _on_gradient(self, u: int) -> None:
+        self._waiting.add(u)
         if self._deferred():
             return
         if not self._end_queued:  # FSDP2 finalizes its own reductions the same way
@@ -68,14 +84,16 @@ class ReplicaHop:
             self._end_queued = True
         self._arrived[u] += 1
         if self._arrived[u] == len(self.params_per_unit[u]):
-            self._arrived[u] = 0
-            self._collective(u)
+            self._run(u)
+
+    def _run(self, u: int) -> None:
+        self._arrived[u] = 0
+        self._waiting.discard(u)
+        self._collective(u)
 
     def _end_of_backward(self) -> None:
-        for u, arrived in enumerate(self._arrived):
-            if arrived:  # some parameter of the unit was not used in this backward
-                self._arrived[u] = 0
-                self._collective(u)
+        for u in sorted(self._waiting):  # the same order on every replica
+            self._run(u)
         self.wait()
         self._end_queued = False
 
@@ -88,6 +106,10 @@ class ReplicaHop:
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
             yield
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._stream is not None
 
     def wait(self) -> None:
         """Make the current stream wait for every replica collective queued so far."""
@@ -108,9 +130,9 @@ class ReplicaAllReduce:
     """All-reduce (mean) each unit's gradients over the replication group in ``dtype``: precision per hop."""
 
     def __init__(self, units: list[nn.Module], group: dist.ProcessGroup, dtype: torch.dtype,
-                 deferred: Callable[[], bool]) -> None:
+                 deferred: Callable[[], bool], root: nn.Module) -> None:
         self.group, self.dtype = group, dtype
-        self.hop = ReplicaHop(units_of_params(units), self._all_reduce, deferred)
+        self.hop = ReplicaHop(units_of_params(units), self._all_reduce, deferred, root)
 
     def _all_reduce(self, u: int) -> None:
         grads = [p.grad.to_local() for p in self.hop.params_per_unit[u] if p.grad is not None]

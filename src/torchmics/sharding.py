@@ -35,8 +35,8 @@ class MixedPrecision:
     ``param_dtype`` is the dtype parameters are all-gathered and computed in (the sharded master copy
     stays in its original dtype for the optimizer). ``reduce_dtype`` is the dtype gradients are
     reduced in inside the partition group; ``None`` means ``param_dtype``. ``replica_reduce_dtype``,
-    when set, is the dtype of the replication-group all-reduce (precision per hop, e.g. fp32 on
-    NVLink and bf16 across nodes; see :mod:`torchmics.replica`); ``None`` uses ``reduce_dtype``.
+    when set, is the dtype of the replica hop (precision per hop, e.g. fp32 on NVLink and bf16
+    across nodes; see :mod:`torchmics.replica`); ``None`` uses the partition hop's dtype.
     """
 
     param_dtype: torch.dtype | None = None
@@ -126,11 +126,24 @@ def shard(
             unit.set_custom_all_gather(all_gather)
             unit.set_custom_reduce_scatter(reduce_scatter)
     state = ShardState(topology, mixed_precision, units, None, shard_optimizer_across_replicas)
-    if torchmics_replicates and not shard_optimizer_across_replicas:
+    if torchmics_replicates and shard_optimizer_across_replicas:
+        model.register_forward_pre_hook(lambda *_: _require_replica_optimizer(state))
+    elif torchmics_replicates:
         group = topology.mesh.get_group("replicate")
-        state.replica = ReplicaAllReduce(units, group, mixed_precision.replica_reduce_dtype, lambda: state.in_no_replica_sync)
+        dtype = mixed_precision.replica_reduce_dtype
+        state.replica = ReplicaAllReduce(units, group, dtype, lambda: state.in_no_replica_sync, model)
     setattr(model, _STATE_ATTR, state)
     return model
+
+
+def _require_replica_optimizer(state: ShardState) -> None:
+    """Without it nothing would ever reduce gradients across replicas: fail before training silently diverges."""
+    if state.optimizer is None and torch.is_grad_enabled():
+        raise RuntimeError(
+            "this model was sharded with shard_optimizer_across_replicas=True, so its replica hop is run by "
+            "torchmics.ReplicaShardedOptimizer; build one (ReplicaShardedOptimizer(model, torch.optim.AdamW, "
+            "lr=...)) before training, or shard without the option to use a plain optimizer."
+        )
 
 
 def _owns_params(model: nn.Module, units: list[nn.Module]) -> bool:
@@ -170,9 +183,12 @@ def no_replica_sync(model: nn.Module) -> Iterator[None]:
     """Two-hop gradient sync: backwards inside only reduce-scatter within the partition group.
 
     Gradients stay sharded (each micro-step's reduce-scatter output is accumulated into the shard),
-    and the replication-group all-reduce is skipped. The first backward *outside* the context
-    all-reduces the accumulated shard once, so a step with ``A`` micro-batches costs ``A`` cheap
-    partition-group reduce-scatters and one replica all-reduce instead of ``A`` of each.
+    and the replica hop is skipped. The first backward *outside* the context runs it once on the
+    accumulated shard (an all-reduce; with :class:`torchmics.ReplicaShardedOptimizer` a
+    reduce-scatter), so a step with ``A`` micro-batches costs ``A`` cheap partition-group
+    reduce-scatters and one replica hop instead of ``A`` of each. The last micro-step must run
+    outside the context: if every backward of a step is deferred, only the replica-sharded
+    optimizer still reduces (at ``step()``).
     """
     state = shard_state(model)
     if state.in_no_replica_sync:

@@ -1,6 +1,6 @@
 """Where a benchmark step's time goes: ``torchmics bench --profile``.
 
-One extra step after the timed ones runs under ``torch.profiler`` on rank 0. Summed kernel times
+One extra step after the timed ones runs under ``torch.profiler`` on rank 0. Kernel busy times
 split the step into compute and communication (NCCL kernels); what the compute kernels do not
 cover of the step's wall time is the *exposed* time, communication that no compute hides (plus
 launch gaps), which is what overlap, prefetching and bf16 communication can win back.
@@ -39,14 +39,25 @@ def profile_step(run_step: Callable[[], None], out_prefix: Path) -> dict:
 
 
 def _kernel_seconds(prof: profile) -> tuple[float, float]:
-    """Summed device time of compute kernels and of NCCL kernels (GPU-side annotations left out)."""
-    compute = comm = 0.0
+    """Busy time of compute kernels and of NCCL kernels (GPU-side annotations left out).
+
+    Each is the union of its kernels' intervals over all streams, so kernels that overlap one another
+    (FSDP2's copies next to a matmul) are not counted twice.
+    """
+    compute, comm = [], []
     for event in prof.events():
         if event.device_type != DeviceType.CUDA or getattr(event, "is_user_annotation", False):
             continue
-        seconds = event.time_range.elapsed_us() / 1e6
-        if "nccl" in event.name.lower():
-            comm += seconds
-        else:
-            compute += seconds
-    return compute, comm
+        interval = (event.time_range.start, event.time_range.end)
+        (comm if "nccl" in event.name.lower() else compute).append(interval)
+    return _union_us(compute) / 1e6, _union_us(comm) / 1e6
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of ``[start, end)`` intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total

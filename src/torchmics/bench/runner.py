@@ -96,7 +96,8 @@ def _measure(cfg: BenchConfig, system: str, partition_size: int, out_file: str) 
     dist.all_reduce(step_time, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     profiled = {}
     if cfg.profile_dir and dist.get_rank() == 0:
-        profiled = {"profile": profile_step(run_step, Path(cfg.profile_dir) / f"{system}-accum{cfg.accum}")}
+        name = f"{system}-p{partition_size}-accum{cfg.accum}-{cfg.reduce_dtype}{'-compiled' if cfg.compile else ''}"
+        profiled = {"profile": profile_step(run_step, Path(cfg.profile_dir) / name)}
     elif cfg.profile_dir:
         run_step()  # every rank takes part in the profiled step's collectives
     if dist.get_rank() == 0:

@@ -43,16 +43,23 @@ def calibrate(profile: ClusterProfile, results_jsonl_path: str | Path) -> Cluste
 def _fit_network(profile: ClusterProfile, flat: list[Record]) -> LinkClass:
     """The network fitted to flat multi-node lines, per node of the profile's size.
 
-    Lines measured with other GPUs per node are fitted on the profile regrouped to their node size
-    and converted back (:func:`with_gpus_per_node`: emulated nodes' bandwidth grows with their GPUs).
+    Lines measured with another number of GPUs per node are fitted on the profile regrouped to
+    their node size and converted back (:func:`with_gpus_per_node`: an emulated node's bandwidth
+    grows with its GPUs, a real node's does not).
     """
-    same = [r for r in flat if r["gpus_per_node"] == profile.gpus_per_node]
-    if same or not flat:
-        return fit_link(profile.inter, same)
-    k = flat[0]["gpus_per_node"]
+    sizes = {r["gpus_per_node"] for r in flat}
+    if profile.gpus_per_node in sizes or not sizes:
+        k = profile.gpus_per_node
+    elif len(sizes) == 1:
+        (k,) = sizes
+    else:
+        raise ValueError(
+            f"the collective lines come from nodes of {sorted(sizes)} GPUs, none of the profile's "
+            f"{profile.gpus_per_node}: calibrate with one results file per node size"
+        )
     regrouped = with_gpus_per_node(profile, k)
-    fitted = dataclasses.replace(regrouped, inter=fit_link(regrouped.inter, [r for r in flat if r["gpus_per_node"] == k]))
-    return dataclasses.replace(fitted.inter, beta=fitted.inter.beta * profile.inter.beta / regrouped.inter.beta)
+    fitted = fit_link(regrouped.inter, [r for r in flat if r["gpus_per_node"] == k])
+    return dataclasses.replace(fitted, beta=fitted.beta * profile.inter.beta / regrouped.inter.beta)
 
 
 def calibrate_lines(profile: ClusterProfile, lines: list[Record], origin: str) -> ClusterProfile:
