@@ -16,7 +16,6 @@ partition group, overlapping with the rest of backward, and runs once per optimi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,9 +121,7 @@ class ReplicaShardedOptimizer:
         self.names = [self._name_of[id(p)] for unit in self.units for p in unit.params]
         self.slices = [s for unit in self.units for s in unit.slices]
         self.inner = optimizer_class(self.slices, **kwargs)
-        # unit -> (its reduce-scatter output, which parameters had a gradient), not yet handed out
-        self._pending: dict[int, tuple[torch.Tensor, list[bool]]] = {}
-        self._launched: set[int] = set()  # units whose replica reduce-scatter ran this step
+        self._pending: dict[int, torch.Tensor] = {}  # unit -> its reduce-scatter output, not yet handed out
         self._hop = ReplicaHop(params_per_unit, self._reduce_scatter, lambda: state.in_no_replica_sync, model)
         state.optimizer = self  # clipping and full state dicts go through the owned slices
 
@@ -137,27 +134,25 @@ class ReplicaShardedOptimizer:
             send = self.units[u].pack_gradients(self.wire_dtype or self.slices[0].dtype, self.replicas)
             mine = torch.empty(self.units[u].chunk, dtype=send.dtype, device=send.device)
             dist.reduce_scatter_tensor(mine, send, op=dist.ReduceOp.AVG, group=self.group)
-        self._pending[u] = mine, [p.grad is not None for p in self.units[u].params]
-        self._launched.add(u)
+        self._pending[u] = mine
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """Finish the replica hop and give each slice its gradient; idempotent within a step.
 
-        Units whose reduce-scatter did not start during backward (some parameter got no gradient,
-        or every micro-step ran under ``no_replica_sync``) are reduced here, in unit order.
+        Units whose reduce-scatter did not start during backward (every micro-step ran under
+        ``no_replica_sync``) are reduced here, in unit order.
         """
-        for u, unit in enumerate(self.units):
-            if u not in self._launched and any(p.grad is not None for p in unit.params):
-                self._reduce_scatter(u)
+        self._hop.flush()
         self._hop.wait()
-        for u, (reduced, had_grad) in self._pending.items():
+        for u, reduced in self._pending.items():
             unit = self.units[u]
             if self._hop.on_gpu:
                 reduced.record_stream(torch.cuda.current_stream())  # made on the hop's stream, read here
             reduced = reduced.to(unit.slices[0].dtype)
-            for owned, where, had in zip(unit.slices, unit.in_chunk, had_grad):
-                owned.grad = reduced[where] if had else None  # no gradient, no update (as torch.optim)
+            for param, owned, where in zip(unit.params, unit.slices, unit.in_chunk):
+                # no gradient, no update (as torch.optim)
+                owned.grad = reduced[where] if param.grad is not None else None
         self._pending.clear()
 
     @torch.no_grad()
@@ -173,7 +168,6 @@ class ReplicaShardedOptimizer:
         self.reduce_gradients()
         self.inner.step()
         self._all_gather_slices(self.compute_dtype)
-        self._launched.clear()
 
     @torch.no_grad()
     def synchronize_master_weights(self) -> None:
@@ -183,14 +177,19 @@ class ReplicaShardedOptimizer:
 
     def _all_gather_slices(self, dtype: torch.dtype | None) -> None:
         """All-gather every unit's owned chunk (in ``dtype``) into the other replicas' shards."""
-        gathers = []
-        for unit in self.units:  # all launched before any is waited for: they queue back to back
-            mine = unit.pack_owned([s.detach() for s in unit.slices], dtype or unit.slices[0].dtype)
-            rows = torch.empty(self.replicas * unit.chunk, dtype=mine.dtype, device=mine.device)
-            gathers.append((unit, rows, dist.all_gather_into_tensor(rows, mine, group=self.group, async_op=True)))
+        # all launched before any is waited for: they queue back to back
+        gathers = [(unit, *self._gather(unit, [s.detach() for s in unit.slices], dtype)) for unit in self.units]
         for unit, rows, work in gathers:
             work.wait()
             unit.write_others(rows)
+
+    def _gather(
+        self, unit: _UnitSlices, parts: list[torch.Tensor], dtype: torch.dtype | None
+    ) -> tuple[torch.Tensor, dist.Work]:
+        """Start the all-gather of this rank's chunk of ``unit``, assembled from ``parts`` (one per slice)."""
+        mine = unit.pack_owned(parts, dtype or parts[0].dtype)
+        rows = torch.empty(self.replicas * unit.chunk, dtype=mine.dtype, device=mine.device)
+        return rows, dist.all_gather_into_tensor(rows, mine, group=self.group, async_op=True)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -217,7 +216,6 @@ class ReplicaShardedOptimizer:
         self.model.zero_grad(set_to_none=set_to_none)
         self.inner.zero_grad(set_to_none=set_to_none)
         self._pending.clear()
-        self._launched.clear()
         self._hop.reset()
 
     def sharded_state_dict(self) -> dict[str, Any]:
@@ -251,9 +249,8 @@ class ReplicaShardedOptimizer:
         return {"state": state, "param_groups": groups}
 
     def _gather_state(self, unit: _UnitSlices, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        mine = unit.pack_owned(parts, parts[0].dtype)
-        rows = torch.empty(self.replicas * unit.chunk, dtype=mine.dtype, device=mine.device)
-        dist.all_gather_into_tensor(rows, mine, group=self.group)
+        rows, work = self._gather(unit, parts, None)
+        work.wait()
         return unit.unpack(rows)
 
     @staticmethod
@@ -274,7 +271,7 @@ class ReplicaShardedOptimizer:
 
     def load_sharded_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Inverse of :meth:`sharded_state_dict`: keep this rank's slice of every state tensor."""
-        by_name = {name: (unit, i) for name, (unit, i) in zip(self.names, self._positions())}
+        by_name = {self._name_of[id(p)]: (unit, i) for unit in self.units for i, p in enumerate(unit.params)}
         self.inner.state.clear()  # a parameter absent from ``state_dict`` had no state when saved
         for name, entries in state_dict["state"].items():
             unit, i = by_name[name]
@@ -285,9 +282,3 @@ class ReplicaShardedOptimizer:
             }
         for group, saved in zip(self.inner.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
-
-    def _positions(self) -> Iterator[tuple[_UnitSlices, int]]:
-        """(unit, index in unit) of every parameter, in the order of :attr:`names`."""
-        for unit in self.units:
-            for i in range(len(unit.params)):
-                yield unit, i

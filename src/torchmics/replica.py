@@ -91,9 +91,13 @@ class ReplicaHop:
         self._waiting.discard(u)
         self._collective(u)
 
-    def _end_of_backward(self) -> None:
+    def flush(self) -> None:
+        """Run the collective of every unit still holding unreduced gradients, in unit order."""
         for u in sorted(self._waiting):  # the same order on every replica
             self._run(u)
+
+    def _end_of_backward(self) -> None:
+        self.flush()
         self.wait()
         self._end_queued = False
 
