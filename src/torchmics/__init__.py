@@ -8,6 +8,7 @@ from torchmics.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from torchmics.materialize import init_weights, meta_init
 from torchmics.optim import ReplicaShardedOptimizer
 from torchmics.sharding import MixedPrecision, clip_grad_norm_, no_replica_sync, shard
 from torchmics.topology import Topology, init_mesh, plan_topology
@@ -23,6 +24,8 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "init_mesh",
+    "init_weights",
+    "meta_init",
     "no_replica_sync",
     "plan_topology",
     "save_checkpoint",

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from torchmics.collectives import HierarchicalAllGather, HierarchicalReduceScatter
+from torchmics.materialize import materialize
 from torchmics.replica import ReplicaAllReduce
-from torchmics.topology import Topology
+from torchmics.topology import Topology, current_device
 from torchmics.wrapping import resolve_units
 
 _STATE_ATTR = "_torchmics_state"
@@ -90,6 +92,8 @@ def shard(
     hierarchical: bool | Literal["auto"] = "auto",
     reshard_after_forward: bool = True,
     shard_optimizer_across_replicas: bool = False,
+    offload: bool = False,
+    init_seed: int | None = None,
 ) -> nn.Module:
     """Shard ``model`` in place over ``topology``'s partition groups and return it.
 
@@ -105,8 +109,18 @@ def shard(
     ``shard_optimizer_across_replicas=True`` leaves the replica hop to
     :class:`torchmics.ReplicaShardedOptimizer`, which keeps optimizer state for ``1/R`` of each
     shard (see :mod:`torchmics.optim`); build the optimizer with it, not on ``model.parameters()``.
+
+    A model built under :func:`torchmics.meta_init` (parameters on ``meta``) is materialized here:
+    each rank allocates only its shards and initializes them from ``init_seed`` (default: rank 0's
+    ``torch.initial_seed()``), with the same full weights whatever the topology
+    (:mod:`torchmics.materialize`). A model built on a real device keeps its weights.
+
+    ``offload=True`` keeps the sharded parameters, their gradients and so the optimizer states in
+    (pinned) CPU memory, and steps the optimizer there: GPU memory then holds only gathered units
+    and activations (FSDP2's ``CPUOffloadPolicy``).
     """
     _check_shardable(model, topology)
+    on_meta = _is_on_meta(model)
     use_hierarchy = _resolve_hierarchical(hierarchical, topology)
     mixed_precision = mixed_precision or MixedPrecision()
     torchmics_replicates = topology.num_replicas > 1 and (
@@ -116,8 +130,10 @@ def shard(
     mesh = topology.mesh if topology.num_replicas > 1 and not torchmics_replicates else topology.mesh["shard"]
     policy = mixed_precision.to_fsdp()
     units = resolve_units(model, wrap)
+    offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for unit in [*units, model]:
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                    offload_policy=offload_policy)
     if _owns_params(model, units):
         units.append(model)  # the root unit communicates what no unit holds (embeddings, head, tied weights)
     if use_hierarchy:
@@ -125,6 +141,8 @@ def shard(
         for unit in units:
             unit.set_custom_all_gather(all_gather)
             unit.set_custom_reduce_scatter(reduce_scatter)
+    if on_meta:
+        materialize(model, units, current_device(), _agreed_seed(init_seed), offload)
     state = ShardState(topology, mixed_precision, units, None, shard_optimizer_across_replicas)
     if torchmics_replicates and shard_optimizer_across_replicas:
         model.register_forward_pre_hook(lambda *_: _require_replica_optimizer(state))
@@ -134,6 +152,25 @@ def shard(
         state.replica = ReplicaAllReduce(units, group, dtype, lambda: state.in_no_replica_sync, model)
     setattr(model, _STATE_ATTR, state)
     return model
+
+
+def _is_on_meta(model: nn.Module) -> bool:
+    """Whether every parameter is on ``meta``; a mix of both cannot be materialized without losing weights."""
+    meta = [p.is_meta for p in model.parameters()]
+    if any(meta) and not all(meta):
+        names = [name for name, p in model.named_parameters() if p.is_meta]
+        raise ValueError(
+            f"{len(names)} of {len(meta)} parameters are on the meta device ({', '.join(names[:3])}, ...) and the "
+            "rest are not; build the whole model under torchmics.meta_init(), or the whole model on a real device."
+        )
+    return bool(meta) and all(meta)
+
+
+def _agreed_seed(seed: int | None) -> int:
+    """``seed``, or rank 0's ``torch.initial_seed()``: every rank must initialize from the same one."""
+    value = torch.tensor([torch.initial_seed() if seed is None else seed], dtype=torch.int64, device=current_device())
+    dist.broadcast(value, src=0)
+    return int(value.item())
 
 
 def _require_replica_optimizer(state: ShardState) -> None:

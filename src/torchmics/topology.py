@@ -167,6 +167,13 @@ def device_type() -> str:
     return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
+def current_device() -> torch.device:
+    """The device this rank computes on: its GPU under NCCL, else the CPU."""
+    if device_type() == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_mesh(partition_size: int | None = None, gpus_per_node: int | None = None) -> Topology:
     """Create the MiCS process groups and return the calling rank's :class:`Topology`.
 

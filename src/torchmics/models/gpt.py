@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torchmics.materialize import init_weights
+
 
 @dataclass(frozen=True, kw_only=True)
 class GPTConfig:
@@ -150,23 +152,25 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.init_weights()
+        if not self.wte.weight.is_meta:  # on meta, torchmics.shard() initializes each rank's shards
+            init_weights(self)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """nanoGPT's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer) (GPT-2 paper).
+    def _init_weights(self, module: nn.Module) -> None:
+        """nanoGPT's init, one module at a time: N(0, 0.02), residual projections N(0, 0.02/sqrt(2 n_layer)).
 
-        A method of its own so a model built on the ``meta`` device can be materialized with
-        ``to_empty`` (after sharding, each rank only for its shard) and then initialized.
+        Per module, in the shape of Hugging Face's ``_init_weights``, so that torchmics can run it on
+        one unit at a time when it materializes a model built on ``meta`` (torchmics.materialize).
+        The residual projections are rescaled by their parent, which comes after them (as GPT-2 does).
         """
-        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.dim() == 1:  # LayerNorm scale
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, residual_std if name.endswith("proj.weight") else 0.02)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+        if isinstance(module, (CausalSelfAttention, MLP)):
+            nn.init.normal_(module.proj.weight, 0.0, 0.02 / math.sqrt(2 * self.cfg.n_layer))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, T]`` to next-token logits ``[B, T, vocab_size]``."""
