@@ -237,7 +237,7 @@ def test_exact_resume_and_load_errors(uninterrupted, tmp_path):
         assert "incomplete" in errors[no_metadata] and "incomplete" in errors[temp]
         assert "shared.weight: checkpoint [13, 13] vs model [14, 13]" in errors["shape"]
         assert "blocks.3.norm.weight: model [13], not in the checkpoint" in errors["names"]
-        assert errors["optimizer"].startswith("RuntimeError") and "momentum_buffer" in errors["optimizer"]
+        assert errors["optimizer"].startswith("ValueError") and "needs momentum_buffer" in errors["optimizer"]
         assert all(result["untouched"].values())  # checked before reading: the model is never half-loaded
         assert result["fresh_optimizer"]["shape"] and result["fresh_optimizer"]["names"]
         assert result["meta"] == {"step": RESUME_AT, "extra": EXTRA}

@@ -12,14 +12,17 @@ shard a rank now owns). Layout of a run directory::
         __<r>_0.distcp        rank r's shards of the model and optimizer states
         rng/rank<r>.pt        rank r's random number generator states
         hf_config.json        the Hugging Face config, when extra["model"] is "hf:<config>"
-        torchmics.json        step, extra, topology, torch version, tensor shapes; written last
+        torchmics.json        step, extra, topology, torch version, tensor shapes, and the size and
+                              CRC-32 of every other file (checkpoint_integrity.py); written last
       step_200/
-      step_300.tmp-1a2b3c4d/  an interrupted save: ignored by loading, safe to delete
+      step_300.tmp-1a2b3c4d/  an interrupted save: ignored by loading, removed by remove_interrupted_saves
 
 A save writes into a temporary sibling directory and renames it to its final name only once every
 rank has finished, then repoints ``latest``; a crash at any moment leaves the previous checkpoint and
-``latest`` as they were. The directory must be on a file system every rank sees (for several nodes:
-a shared one, e.g. NFS or Lustre).
+``latest`` as they were. Loading first compares every file with its recorded size and checksum, so
+a checkpoint damaged later (a full disk, a copy cut short, a deleted file) is named as such before
+anything is read; checkpoints saved before sizes were recorded load unverified. The directory must
+be on a file system every rank sees (for several nodes: a shared one, e.g. NFS or Lustre).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -41,6 +44,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from safetensors.torch import save_file
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
@@ -51,6 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from torchmics.checkpoint_integrity import DamagedCheckpointError, FileRecords, find_damage, record_files
 from torchmics.optim import ReplicaShardedOptimizer
 from torchmics.sharding import shard_state, topology_of
 from torchmics.topology import Topology
@@ -58,11 +63,13 @@ from torchmics.topology import Topology
 METADATA_FILE = "torchmics.json"
 LATEST_FILE = "latest"
 HF_CONFIG_FILE = "hf_config.json"
+_DCP_INDEX = ".metadata"  # written by DCP on rank 0
 _TEMP_MARK = ".tmp-"
 _STEP_DIR = re.compile(r"step_(\d+)")
 _MODEL_KEY = "model"  # top-level key of the model state in the DCP checkpoint; tensors are "model.<fqn>"
 
 _T = TypeVar("_T")
+_VERIFIED: set[tuple[str, int, int]] = set()  # checkpoints this process verified (see verify_checkpoint)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,27 +91,65 @@ def checkpoint_path(run_dir: str, step: int) -> str:
 
 
 def save_checkpoint(
-    path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, step: int, extra: dict | None = None
+    path: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    step: int,
+    extra: dict | None = None,
+    keep: int | None = None,
+    protect: Sequence[str] = (),
 ) -> None:
     """Save model, optimizer, RNG states and ``extra`` to the new directory ``path``; every rank calls it.
 
-    Each rank writes only the shards it owns (DCP), so saving costs no gather and no extra memory.
-    ``extra`` holds what resuming needs beyond tensors (data position, config) and must be
-    JSON-serializable; put the model spec under ``extra["model"]`` so :func:`export_checkpoint` can
-    write a Hugging Face directory for ``hf:`` models. ``path`` must not exist: a complete checkpoint
-    is never overwritten. See the module docstring for why a crash mid-save is harmless.
+    Each rank writes only the shards it owns (DCP), so saving costs no gather and no extra memory;
+    each rank then records its own files' sizes and checksums. ``extra`` holds what resuming needs
+    beyond tensors (data position, config) and must be JSON-serializable; put the model spec under
+    ``extra["model"]`` so :func:`export_checkpoint` can write a Hugging Face directory for ``hf:``
+    models. ``path`` must not exist: a complete checkpoint is never overwritten. See the module
+    docstring for why a crash mid-save is harmless.
+
+    ``keep``: once ``path`` is published, delete the oldest complete checkpoints of its run directory
+    until ``keep`` remain (the new one is the newest), except those in ``protect`` (e.g. the one the
+    run resumed from); ``None`` keeps every checkpoint.
     """
+    if keep is not None and keep < 1:
+        raise ValueError(f"save_checkpoint(keep={keep}): keep at least 1 checkpoint, or None for all")
     topology = topology_of(model)
     extra = _check_json(extra or {})
     temp = _on_rank0(lambda: _begin_save(path, extra))
     state = _train_state(model, optimizer)
+    writer = _RecordingWriter(temp)
     unchanged = f"The previous checkpoint and `latest` are unchanged; {temp} can be deleted."
     with _ordinary_error(f"saving checkpoint {path}", unchanged):
-        dcp.save(state, checkpoint_id=temp)
-    _save_rng(temp)
-    metadata = _metadata(step, extra, topology, state[_MODEL_KEY])
-    dist.barrier()  # every rank's shards and RNG file are on disk before the checkpoint is published
-    _on_rank0(lambda: _publish(temp, path, metadata))
+        dcp.save(state, storage_writer=writer)
+    # Gathering every rank's records also means every rank's files are on disk before publishing.
+    files = _on_every_rank(lambda: _save_rng(temp) or _record_own_files(temp, writer.written))
+    metadata = _metadata(step, extra, topology, state[_MODEL_KEY]) | {"files": _merged(files)}
+    _on_rank0(lambda: _publish(temp, path, metadata, keep, protect))
+
+
+class _RecordingWriter(FileSystemWriter):
+    """DCP's file writer, remembering which files this rank wrote (their names are DCP's business)."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.written: list[str] = []
+
+    def write_data(self, plan, planner):  # noqa: ANN001, ANN201 (DCP's signature)
+        future = super().write_data(plan, planner)
+        self.written = sorted({result.storage_data.relative_path for result in future.wait()})
+        return future
+
+
+def _record_own_files(temp: str, written: list[str]) -> FileRecords:
+    """Sizes and checksums of this rank's shard files and RNG file (and DCP's index, on rank 0)."""
+    own = [*written, os.path.relpath(_rng_file(temp), temp)]
+    return record_files(temp, own + [_DCP_INDEX] if dist.get_rank() == 0 else own)
+
+
+def _merged(records: list[FileRecords]) -> FileRecords:
+    return {name: record for part in records for name, record in sorted(part.items())}
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
@@ -120,13 +165,14 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     pretend to be reproducible.
     """
     topology_of(model)
-    metadata = _read_metadata(path)
+    metadata = read_metadata(path)
+    verify_checkpoint(path)
     _check_compatible(path, metadata["shapes"], _shapes(get_model_state_dict(model)))
     state = _train_state(model, optimizer)
     if optimizer is not None:
-        _drop_state_never_saved(state["optim"], path)
-    other_optimizer = "A missing `optim.` key means the checkpoint holds another optimizer type's state."
-    with _ordinary_error(f"loading checkpoint {path}", other_optimizer):
+        _fit_optimizer_template(state["optim"], path)
+    partly = "Model and optimizer may be partly loaded: build them afresh before loading another checkpoint."
+    with _ordinary_error(f"loading checkpoint {path}", partly):
         dcp.load(state, checkpoint_id=path)
     _restore_train_state(model, optimizer, state)
     if metadata["world_size"] == dist.get_world_size():
@@ -140,39 +186,130 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     return {"step": metadata["step"], "extra": metadata["extra"]}
 
 
-def _drop_state_never_saved(optim_state: dict[str, Any], path: str) -> None:
-    """Leave out of the load template the parameters that have no optimizer state in the checkpoint.
+def _fit_optimizer_template(optim_state: dict[str, Any], path: str) -> None:
+    """Shape the optimizer's load template to the checkpoint, or raise if it holds another optimizer's state.
 
     A parameter that never had a gradient has no optimizer state when saved, but the template to load
     into is made by a zero step over every parameter; such a parameter stays stateless, as saved.
     """
-    prefix = "optim.state."
-    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    saved = {key[len(prefix):].rsplit(".", 1)[0] for key in keys if key.startswith(prefix)}
+    saved = saved_optimizer_state(path)
     for name in [n for n in optim_state["state"] if n not in saved]:
         del optim_state["state"][name]
+    needed = {key for state in optim_state["state"].values() for key in state}
+    found = set().union(*saved.values()) if saved else set()
+    if not needed <= found:
+        raise ValueError(
+            f"checkpoint {path} holds the state of another optimizer type ({', '.join(sorted(found))}; this "
+            f"optimizer needs {', '.join(sorted(needed))}). Nothing was loaded. Load it with the optimizer "
+            "type it was saved with, or without an optimizer (weights only)."
+        )
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest complete checkpoint in ``run_dir``, or ``None`` (no run dir, or nothing saved yet).
+def saved_optimizer_state(path: str) -> dict[str, set[str]]:
+    """The optimizer state names (``exp_avg``, ``momentum_buffer``...) saved for each parameter name."""
+    prefix = "optim.state."
+    saved: dict[str, set[str]] = {}
+    for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
+        if key.startswith(prefix):
+            name, state = key[len(prefix):].rsplit(".", 1)
+            saved.setdefault(name, set()).add(state)
+    return saved
 
-    Reads the ``latest`` pointer; if it is missing or points at something incomplete, falls back to
-    the complete ``step_<N>`` directory with the largest ``N``. Interrupted saves are never returned.
+
+def verify_checkpoint(path: str) -> None:
+    """Raise :class:`DamagedCheckpointError` naming each file that is missing, truncated or corrupt.
+
+    Compares every file with the size and CRC-32 its save recorded (checkpoints saved without records
+    pass unverified). In a job every rank calls it: each reads its share of the files, then all learn
+    the outcome, so all raise together. Without a process group one process checks every file.
+    :func:`load_checkpoint` calls it; a checkpoint this process verified already, unchanged since
+    (same ``torchmics.json``), is not read twice.
     """
+    records = read_metadata(path).get("files", {})
+    identity = _identity(path)
+    if identity in _VERIFIED:
+        return
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        share = {name: records[name] for name in sorted(records)[rank::world]}
+        problems = sorted(sum(_on_every_rank(lambda: find_damage(path, share)), []))
+    else:
+        problems = find_damage(path, records)
+    if problems:
+        raise DamagedCheckpointError(path, problems)
+    _VERIFIED.add(identity)
+
+
+def _identity(path: str) -> tuple[str, int, int]:
+    info = os.stat(os.path.join(path, METADATA_FILE))
+    return os.path.realpath(path), info.st_ino, info.st_mtime_ns
+
+
+def complete_checkpoints(run_dir: str) -> list[str]:
+    """The complete checkpoints of ``run_dir``: the one ``latest`` names first, then by step, newest first.
+
+    Interrupted saves are never listed; damaged ones are (see :func:`latest_checkpoint`).
+    """
+    if not os.path.isdir(run_dir):
+        return []
+    newest_first = [path for _, path in sorted(_complete_steps(run_dir), reverse=True)]
     pointer = os.path.join(run_dir, LATEST_FILE)
     if os.path.isfile(pointer):
         with open(pointer) as f:
-            candidate = os.path.join(run_dir, f.read().strip())
-        if _is_complete(candidate):
-            return candidate
-    if not os.path.isdir(run_dir):
-        return None
-    steps = [
-        (int(match.group(1)), name)
+            named = os.path.join(run_dir, f.read().strip())
+        if named in newest_first:
+            newest_first.remove(named)
+            newest_first.insert(0, named)
+    return newest_first
+
+
+def _complete_steps(run_dir: str) -> list[tuple[int, str]]:
+    return [
+        (int(match.group(1)), os.path.join(run_dir, name))
         for name in os.listdir(run_dir)
         if (match := _STEP_DIR.fullmatch(name)) and _is_complete(os.path.join(run_dir, name))
     ]
-    return os.path.join(run_dir, max(steps)[1]) if steps else None
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete, undamaged checkpoint in ``run_dir``, or ``None`` (no run dir, nothing saved).
+
+    Reads the ``latest`` pointer; if it is missing or points at something incomplete, falls back to
+    the complete ``step_<N>`` directory with the largest ``N``. Interrupted saves are never returned.
+    A checkpoint with a recorded file missing or of the wrong size is skipped with a warning that names
+    it; that check costs one ``stat`` per file, the checksums are compared when loading.
+    """
+    for path in complete_checkpoints(run_dir):
+        problems = _damage_or_unreadable(path)
+        if not problems:
+            return path
+        warnings.warn(f"skipping damaged checkpoint {path}: {'; '.join(problems)}", stacklevel=2)
+    return None
+
+
+def _damage_or_unreadable(path: str) -> list[str]:
+    try:
+        return find_damage(path, read_metadata(path).get("files", {}), checksums=False)
+    except DamagedCheckpointError as err:
+        return err.problems
+
+
+def remove_interrupted_saves(run_dir: str) -> list[str]:
+    """Delete what interrupted saves left in ``run_dir`` (``*.tmp-*``); returns their names.
+
+    Only safe while no save into ``run_dir`` is under way: call it when the run starts, holding the run
+    directory (`torchmics train` does, under its lock).
+    """
+    if not os.path.isdir(run_dir):
+        return []
+    names = sorted(name for name in os.listdir(run_dir) if _TEMP_MARK in name)
+    for name in names:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return names
 
 
 def export_checkpoint(path: str, to: str) -> None:
@@ -183,17 +320,36 @@ def export_checkpoint(path: str, to: str) -> None:
     ``.safetensors`` is the file to write; anything else is a directory that gets ``model.safetensors``
     and, for a model saved with ``extra["model"] = "hf:<config>"``, its ``config.json``, so
     ``transformers.AutoModelForCausalLM.from_pretrained(to)`` loads it.
+
+    Nothing is overwritten, and both ends are checked before any weight is read: the checkpoint's
+    files against their recorded sizes and checksums, the destination for existing files. The
+    weights file gets the mode any new file gets here (``0o666`` less the umask; safetensors alone
+    would make it private to its owner).
     """
-    _read_metadata(path)
+    verify_checkpoint(path)
+    weights_file = to if to.endswith(".safetensors") else os.path.join(to, "model.safetensors")
+    _refuse_existing_export(weights_file)
     weights = _read_model_weights(path)
-    if to.endswith(".safetensors"):
-        save_file(weights, to, metadata={"format": "pt"})
-        return
-    os.makedirs(to, exist_ok=True)
-    save_file(weights, os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
+    os.makedirs(os.path.dirname(weights_file) or ".", exist_ok=True)
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    os.chmod(weights_file, 0o666 & ~_umask())
     hf_config = os.path.join(path, HF_CONFIG_FILE)
-    if os.path.isfile(hf_config):
+    if weights_file != to and os.path.isfile(hf_config):
         shutil.copyfile(hf_config, os.path.join(to, "config.json"))
+
+
+def _refuse_existing_export(weights_file: str) -> None:
+    if os.path.exists(weights_file):
+        raise FileExistsError(f"{weights_file} already exists and is never overwritten; export to a new path")
+    parent = os.path.dirname(weights_file)
+    if parent and os.path.exists(parent) and not os.path.isdir(parent):
+        raise NotADirectoryError(f"cannot export into {parent}: it is a file, not a folder")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ---- saving --------------------------------------------------------------------------------------
@@ -216,6 +372,23 @@ def _on_rank0(fn: Callable[[], _T]) -> _T:
     if not ok:
         raise value
     return value
+
+
+def _on_every_rank(fn: Callable[[], _T]) -> list[_T]:
+    """Run ``fn`` on every rank and hand every rank all results by rank, or the first rank's error everywhere.
+
+    The gather is also a barrier; a rank that fails still joins it, so no rank is left waiting.
+    """
+    try:
+        mine: tuple[bool, Any] = (True, fn())
+    except Exception as err:  # re-raised below, on every rank
+        mine = (False, err)
+    outcomes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, mine)
+    for ok, value in outcomes:
+        if not ok:
+            raise value
+    return [value for _, value in outcomes]
 
 
 def _check_json(extra: dict) -> dict:
@@ -277,7 +450,7 @@ def _restore_train_state(model: nn.Module, optimizer: torch.optim.Optimizer | No
         optimizer.load_sharded_state_dict(state["optim"])
         return
     optimizers = [optimizer] if optimizer is not None else []
-    # Not strict: parameters without saved optimizer state stay stateless (_drop_state_never_saved);
+    # Not strict: parameters without saved optimizer state stay stateless (_fit_optimizer_template);
     # the model's names and shapes were checked against the checkpoint before loading.
     set_state_dict(model, optimizers, model_state_dict=state[_MODEL_KEY], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
@@ -321,16 +494,33 @@ def _metadata(step: int, extra: dict, topology: Topology, model_state: dict[str,
     }
 
 
-def _publish(temp: str, path: str, metadata: dict[str, Any]) -> None:
-    """Complete the temp dir, rename it to ``path``, then repoint ``latest``: each step leaves a valid run."""
+def _publish(temp: str, path: str, metadata: dict[str, Any], keep: int | None, protect: Sequence[str]) -> None:
+    """Complete the temp dir, rename it to ``path``, repoint ``latest``, prune: each step leaves a valid run."""
     _refuse_existing(path)  # another job may have taken the name since _begin_save
     source = _hf_config_source(metadata["extra"])
     if source is not None:
         shutil.copyfile(source, os.path.join(temp, HF_CONFIG_FILE))
+        metadata["files"] |= record_files(temp, [HF_CONFIG_FILE])
     _write_atomic(os.path.join(temp, METADATA_FILE), json.dumps(metadata))
     os.rename(temp, path)
     run_dir, name = os.path.split(os.path.normpath(path))
     _write_atomic(os.path.join(run_dir, LATEST_FILE), name)
+    if keep is not None:
+        _prune(run_dir, keep, protect)
+
+
+def _prune(run_dir: str, keep: int, protect: Sequence[str]) -> None:
+    """Delete the complete checkpoints older than the newest ``keep``, except ``protect``.
+
+    Each is renamed to a temporary name before its files go, so a crash mid-delete leaves an
+    interrupted save (never loaded, removed at the next start), not a checkpoint missing files.
+    """
+    protected = {os.path.realpath(p) for p in protect}
+    for _, old in sorted(_complete_steps(run_dir), reverse=True)[keep:]:
+        if os.path.realpath(old) not in protected:
+            doomed = f"{old}{_TEMP_MARK}deleting-{uuid.uuid4().hex[:8]}"
+            os.rename(old, doomed)
+            shutil.rmtree(doomed)
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -383,21 +573,20 @@ def _is_complete(path: str) -> bool:
     return _TEMP_MARK not in name and os.path.isfile(os.path.join(path, METADATA_FILE))
 
 
-def _read_metadata(path: str) -> dict[str, Any]:
-    """The checkpoint's ``torchmics.json``; a clear error for a missing or interrupted checkpoint."""
+def read_metadata(path: str) -> dict[str, Any]:
+    """The checkpoint's ``torchmics.json``; a clear error for a missing, interrupted or damaged checkpoint."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"no checkpoint at {path}; pass a directory written by save_checkpoint (latest_checkpoint(run_dir) "
-            "finds the newest one)."
-        )
+        raise FileNotFoundError(f"no checkpoint at {path}: expected a step_<N> folder holding {METADATA_FILE}")
     if not _is_complete(path):
         raise ValueError(
             f"checkpoint {path} is incomplete: the save that wrote it was interrupted (it is a temporary "
-            f"directory or lacks {METADATA_FILE}). Load a complete one, e.g. latest_checkpoint(run_dir), "
-            "and delete this directory."
+            f"folder or lacks {METADATA_FILE}). Use a complete checkpoint of the run and delete this folder."
         )
-    with open(os.path.join(path, METADATA_FILE)) as f:
-        return json.load(f)
+    try:
+        with open(os.path.join(path, METADATA_FILE)) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise DamagedCheckpointError(path, [f"{METADATA_FILE} is not valid JSON ({err})"]) from err
 
 
 def _check_compatible(path: str, saved: dict[str, list[int]], model: dict[str, list[int]], show: int = 3) -> None:
