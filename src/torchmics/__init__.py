@@ -10,6 +10,7 @@ from torchmics.checkpoint import (
 )
 from torchmics.materialize import init_weights, meta_init
 from torchmics.optim import ReplicaShardedOptimizer
+from torchmics.pretrained import load_pretrained
 from torchmics.sharding import MixedPrecision, clip_grad_norm_, no_replica_sync, shard
 from torchmics.topology import Topology, init_mesh, plan_topology
 
@@ -22,6 +23,7 @@ __all__ = [
     "export_checkpoint",
     "full_state_dict",
     "latest_checkpoint",
+    "load_pretrained",
     "load_checkpoint",
     "init_mesh",
     "init_weights",

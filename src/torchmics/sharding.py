@@ -168,7 +168,8 @@ def _is_on_meta(model: nn.Module) -> bool:
 
 def _agreed_seed(seed: int | None) -> int:
     """``seed``, or rank 0's ``torch.initial_seed()``: every rank must initialize from the same one."""
-    value = torch.tensor([torch.initial_seed() if seed is None else seed], dtype=torch.int64, device=current_device())
+    local = torch.initial_seed() if seed is None else seed
+    value = torch.tensor([local % 2**63], dtype=torch.int64, device=current_device())
     dist.broadcast(value, src=0)
     return int(value.item())
 

@@ -1,0 +1,166 @@
+"""Pretrained weights into shards: logits equal transformers' own, reads are partial, export round-trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors
+import torch
+from safetensors.torch import load_file
+
+import torchmics
+import torchmics.pretrained
+from dist_utils import run_ranks
+from test_equivalence import build_gpt2, build_llama
+from torchmics.models import GPT, get_preset
+
+BUILDERS = {"llama": build_llama, "gpt2": build_gpt2}
+
+
+def _batch(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(7))
+
+
+class _CountingOpen:
+    """safe_open that adds up the elements each rank takes out of the files."""
+
+    taken = 0
+
+    def __init__(self, *args, **kwargs):
+        self._file = safetensors.safe_open(*args, **kwargs)
+
+    def __enter__(self):
+        self._opened = self._file.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._file.__exit__(*exc)
+
+    def keys(self):
+        return self._opened.keys()
+
+    def get_slice(self, name):
+        stored = self._opened.get_slice(name)
+        outer = self
+
+        class Slice:
+            def get_shape(self):
+                return stored.get_shape()
+
+            def get_dtype(self):
+                return stored.get_dtype()
+
+            def __getitem__(self, index):
+                part = stored[index]
+                type(outer).taken += part.numel()
+                return part
+
+        return Slice()
+
+
+def _load_and_run(builder: str, folder: str, partition_size: int, gpus_per_node: int) -> dict:
+    torchmics.pretrained.safe_open = _CountingOpen
+    topo = torchmics.init_mesh(partition_size=partition_size, gpus_per_node=gpus_per_node)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torchmics.meta_init():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    model = torchmics.shard(model, topo)
+    torchmics.load_pretrained(model, folder)
+    with torch.no_grad():
+        logits = model(_batch(model.config.vocab_size)).logits
+    return {"logits": logits, "taken": _CountingOpen.taken}
+
+
+@pytest.mark.parametrize("builder", ["llama", "gpt2"])
+def test_hf_weights_into_four_ranks_give_transformers_logits(builder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    BUILDERS[builder]().save_pretrained(tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = reference(_batch(reference.config.vocab_size)).logits
+    results = run_ranks(_load_and_run, 4, builder, str(tmp_path), 4, 2, nodes=2)
+    for result in results:
+        torch.testing.assert_close(result["logits"], expected, rtol=1e-5, atol=1e-5)
+    stored = sum(t.numel() for t in load_file(tmp_path / "model.safetensors").values())
+    taken = [r["taken"] for r in results]
+    assert sum(taken) <= stored * 1.01  # every element read once over the 4 ranks, not 4 times
+    assert max(taken) < stored / 4 * 1.3  # and each rank about its quarter
+
+
+def _round_trip_source(folder: str) -> None:
+    """4 ranks, partition 2: a trained step of the tiny GPT, saved as a sharded checkpoint."""
+    topo = torchmics.init_mesh(partition_size=2, gpus_per_node=2)
+    torch.manual_seed(0)
+    with torchmics.meta_init():
+        model = GPT(get_preset("tiny"))
+    model = torchmics.shard(model, topo)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = _batch(256)
+    torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+    optimizer.step()
+    torchmics.save_checkpoint(f"{folder}/step_1", model, optimizer, step=1)
+
+
+def _round_trip_target(folder: str) -> torch.Tensor:
+    topo = torchmics.init_mesh(partition_size=2, gpus_per_node=2)
+    with torchmics.meta_init():
+        model = GPT(get_preset("tiny"))
+    model = torchmics.shard(model, topo)
+    torchmics.load_pretrained(model, folder)
+    with torch.no_grad():
+        return model(_batch(256))
+
+
+def test_export_then_load_into_another_topology(tmp_path):
+    run_ranks(_round_trip_source, 4, str(tmp_path), nodes=2)
+    torchmics.export_checkpoint(str(tmp_path / "step_1"), str(tmp_path / "exported"))
+    reference = GPT(get_preset("tiny"))
+    reference.load_state_dict(load_file(tmp_path / "exported" / "model.safetensors"))
+    with torch.no_grad():
+        expected = reference(_batch(256))
+    logits = run_ranks(_round_trip_target, 2, str(tmp_path / "exported"))
+    torch.testing.assert_close(logits[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def _load_expecting_error(folder: str) -> str:
+    topo = torchmics.init_mesh(partition_size=2, gpus_per_node=2)
+    with torchmics.meta_init():
+        model = GPT(get_preset("tiny"))
+    model = torchmics.shard(model, topo)
+    try:
+        torchmics.load_pretrained(model, folder)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def test_mismatched_folder_is_refused_on_every_rank(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = {k: v.contiguous() for k, v in GPT(get_preset("tiny")).state_dict().items() if k != "lm_head.weight"}
+    weights["wpe.weight"] = torch.zeros(64, 64)  # the tiny preset's table is [128, 64]
+    weights["stray"] = torch.zeros(1)
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    messages = run_ranks(_load_expecting_error, 2, str(tmp_path))
+    for message in messages:
+        assert "wpe.weight: folder [64, 64] vs model [128, 64]" in message
+        assert "stray: in the folder, not in the model" in message and "Nothing was loaded" in message
+
+
+def test_sharded_index_is_read(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    build_llama().save_pretrained(tmp_path, max_shard_size="20KB")
+    assert json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    index = torchmics.pretrained.read_pretrained(str(tmp_path))
+    assert len(set(index.files.values())) > 1
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = reference(_batch(reference.config.vocab_size)).logits
+    logits = run_ranks(_load_and_run, 2, "llama", str(tmp_path), 2, 2)[0]["logits"]
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
