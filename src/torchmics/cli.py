@@ -1,4 +1,4 @@
-"""The `torchmics` command: train | bench | plan | simulate | export."""
+"""The `torchmics` command: train | bench | plan | simulate | export | prepare-data."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from torchmics import checkpoint_command
 from torchmics.bench import command as bench_command
+from torchmics.data import command as data_command
 from torchmics.plan import command as plan_command
 from torchmics.train import command as train_command
 
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_command.add_parser(subparsers)
     plan_command.add_parser(subparsers)
     checkpoint_command.add_export_parser(subparsers)
+    data_command.add_parser(subparsers)
     return parser
 
 
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:  # ImportError: an optional package is missing
         print(f"torchmics {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ProcessRaisedException as err:

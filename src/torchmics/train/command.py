@@ -13,7 +13,7 @@ import torch
 from torchmics import checkpoint
 from torchmics.models import build_model
 from torchmics.train.config import TrainConfig, build_parser, resolve_config
-from torchmics.train.data import load_tokens
+from torchmics.train.data import check_model_fits, load_tokens
 from torchmics.train.launcher import LocalLaunch, restart_hazard, run_rank, spawn, under_torchrun
 from torchmics.train.resolve import job_sizes, local_launch_shape, resolve_partition_size
 
@@ -37,11 +37,9 @@ def preflight(cfg: TrainConfig) -> LocalLaunch | None:
     """
     with torch.device("meta"):
         _, info = build_model(cfg.model, cfg.seq_len)
-    data = load_tokens(cfg.data, info.seq_len)
-    if data.vocab_size > info.vocab_size:
-        raise ValueError(
-            f"the data needs a vocabulary of {data.vocab_size} tokens but model {cfg.model} has {info.vocab_size}"
-        )
+    # The checksum is read once per node: in the launcher, or in local rank 0 under torchrun.
+    data = load_tokens(cfg.data, info.seq_len, verify=os.environ.get("LOCAL_RANK", "0") == "0")
+    check_model_fits(data, cfg.model, info.vocab_size)
     _check_out_dir(cfg)
     if under_torchrun():
         _warn_of_restart_hazard()

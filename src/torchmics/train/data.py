@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from torchmics.data.tokenfile import TokenFileHeader, map_tokens, read_header, verify_checksum
+from torchmics.data.tokenizer import model_tokenizer
+
 STDLIB_CORPUS_BYTES = 8 * 2**20
 VAL_FRACTION = 0.05
 
@@ -25,29 +28,36 @@ VAL_FRACTION = 0.05
 class TokenData:
     """Train and validation tokens (1-D arrays, possibly memory-mapped) and the vocabulary they need.
 
-    ``vocab_size`` is 256 for bytes and ``max token + 1`` for a ``.bin``: the smallest vocabulary the
-    data fits. A model may have a larger one (GPT-2's tokenizer padded to 50304, say): use the model's.
+    ``vocab_size`` is 256 for bytes, the tokenizer's for a `torchmics prepare-data` file (``header``),
+    and ``max token + 1`` for a headerless ``.bin``: the smallest vocabulary the data fits. A model may
+    have a larger one (GPT-2's tokenizer padded to 50304, say): use the model's.
     """
 
     train: np.ndarray
     val: np.ndarray
     vocab_size: int
     source: str
+    header: TokenFileHeader | None = None
 
 
-def load_tokens(path: str | None, seq_len: int | None = None) -> TokenData:
+def load_tokens(path: str | None, seq_len: int | None = None, verify: bool = False) -> TokenData:
     """Load tokens from ``path``; the last 5% (in file order) are held out for validation.
 
     ``path`` is ``None`` for the embedded corpus (the Python standard library's own ``.py`` files,
-    as bytes), a ``.bin`` file of uint16 tokens (nanoGPT's format, memory-mapped), or a text file or a
-    folder of text files read as bytes (vocab 256). Folders are read recursively in sorted path order,
-    skipping hidden files, so the same folder always gives the same tokens. With ``seq_len`` the
-    validation split holds at least one sequence, and too little data is an error here, not mid-run.
+    as bytes), a token file of `torchmics prepare-data` (any name; uint16 or uint32, memory-mapped),
+    a headerless ``.bin`` file of uint16 tokens (nanoGPT's format, memory-mapped), or a text file or
+    a folder of text files read as bytes (vocab 256). Folders are read recursively in sorted path
+    order, skipping hidden files, so the same folder always gives the same tokens. With ``seq_len``
+    the validation split holds at least one sequence, and too little data is an error here, not
+    mid-run. ``verify`` checks a token file's checksum too (reads the whole file once).
     """
+    header = None
     if path is None:
         tokens, source = _stdlib_corpus()
     elif not os.path.exists(path):
         raise ValueError(f"data path {path} does not exist")
+    elif os.path.isfile(path) and (header := read_header(path)) is not None:
+        tokens, source = _prepared_tokens(path, header, verify)
     elif path.endswith(".bin"):
         tokens, source = _uint16_tokens(path)
     else:
@@ -55,8 +65,32 @@ def load_tokens(path: str | None, seq_len: int | None = None) -> TokenData:
     n_val = max(math.ceil(VAL_FRACTION * len(tokens)), 1 if seq_len is None else seq_len + 1)
     train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
     _check_enough(train, seq_len or 0, f"{source} ({len(tokens)} tokens, {n_val} held out for validation), train split")
-    vocab_size = 256 if tokens.dtype == np.uint8 else int(tokens.max()) + 1
-    return TokenData(train=train, val=val, vocab_size=vocab_size, source=source)
+    if header is not None:
+        vocab_size = header.vocab_size
+    else:
+        vocab_size = 256 if tokens.dtype == np.uint8 else int(tokens.max()) + 1
+    return TokenData(train=train, val=val, vocab_size=vocab_size, source=source, header=header)
+
+
+def check_model_fits(data: TokenData, model: str, model_vocab_size: int) -> None:
+    """Every token id needs an embedding row, and a ``hf:`` model folder's own tokenizer must be the data's.
+
+    A smaller vocabulary would fail mid-run with an index error (or, on GPUs, a device assert); a
+    different tokenizer would train without any error on numbers that mean other words.
+    """
+    made_with = f" (tokenizer {data.header.tokenizer})" if data.header is not None else ""
+    if data.vocab_size > model_vocab_size:
+        raise ValueError(
+            f"the data needs a vocabulary of {data.vocab_size} tokens{made_with} but model {model} has "
+            f"{model_vocab_size}: choose a model whose vocabulary covers the data's"
+        )
+    shipped = model_tokenizer(model) if data.header is not None else None
+    if shipped is not None and shipped.sha256 != data.header.tokenizer_sha256:
+        raise ValueError(
+            f"the data was tokenized with {data.header.tokenizer} (sha256 {data.header.tokenizer_sha256[:12]}...) "
+            f"but model {model} ships another tokenizer, {shipped.name} (sha256 {shipped.sha256[:12]}...): "
+            f"prepare the data with `torchmics prepare-data ... --tokenizer {shipped.name}`"
+        )
 
 
 def _stdlib_corpus() -> tuple[np.ndarray, str]:
@@ -84,6 +118,16 @@ def _text_bytes(path: Path) -> tuple[np.ndarray, str]:
     files = [f for f in files if not any(part.startswith(".") for part in f.relative_to(path).parts)]
     data = b"".join(f.read_bytes() for f in files)
     return np.frombuffer(data, dtype=np.uint8), f"text folder {path} ({len(files)} files, bytes)"
+
+
+def _prepared_tokens(path: str, header: TokenFileHeader, verify: bool) -> tuple[np.ndarray, str]:
+    if verify:
+        verify_checksum(path, header)
+    source = (
+        f"token file {path} ({header.num_tokens:,} {header.dtype} tokens, {header.num_documents:,} documents, "
+        f"tokenizer {header.tokenizer})"
+    )
+    return map_tokens(path, header), source
 
 
 def _uint16_tokens(path: str) -> tuple[np.ndarray, str]:
