@@ -35,8 +35,10 @@ from torchmics.plan import (
     with_gpus_per_node,
     write_outputs,
 )
+from torchmics.plan import auto
+from torchmics.plan.planner import explain
 from torchmics.plan.auto import gpu_profile, job_cluster, recommend_partition_size
-from torchmics.plan.memory import GIB
+from torchmics.plan.memory import GIB, estimate_host_memory
 from torchmics.plan.validate import COMMITTED, committed_checks, leave_one_out, render_checks
 
 LINKS = {"intra": LinkClass(alpha=1e-6, beta=1e11), "inter": LinkClass(alpha=1e-5, beta=1e10)}
@@ -50,6 +52,7 @@ def _cluster(gpus_per_node: int = 8, **overrides) -> ClusterProfile:
         peak_tflops=1000,
         hbm_gib=80,
         hbm_tbps=2.0,
+        host_gib=1024,
         compute_mfu=0.5,
         source="test",
         **LINKS,
@@ -521,12 +524,13 @@ def _fake_gpu(monkeypatch, name: str, memory_gib: float) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     properties = SimpleNamespace(total_memory=memory_gib * GIB)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    monkeypatch.setattr(auto, "host_memory_gib", lambda: 1024.0)  # a GPU node's host, not this machine's
 
 
 def test_auto_partition_size_is_the_planners(monkeypatch):
     gpt = pytest.importorskip("torchmics.models.gpt")
     from torchmics.train.config import TrainConfig
-    from torchmics.train.resolve import resolve_partition_size
+    from torchmics.train.resolve import planner_job, resolve_partition_size
 
     _fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", 79.1)
     cfg = TrainConfig(model="1.4b", micro_batch=4, accum=4, mixed_precision="bf16", emulate_nodes=2)
@@ -536,6 +540,47 @@ def test_auto_partition_size_is_the_planners(monkeypatch):
     assert resolve_partition_size(cfg, info, world=2, gpus_per_node=1) == expected == 1  # two-hop over sockets
     big = gpt.ModelInfo("13b", gpt.PRESETS["13b"].num_params(), 40, 5120, 50304, 2048, 0)
     one_node = dataclasses.replace(cfg, emulate_nodes=None, activation_checkpointing=True)
-    assert recommend_partition_size(big, one_node, 8, 8) > 1  # 13B needs sharding on 80 GB GPUs
+    assert recommend_partition_size(big, planner_job(one_node, 8, 8)) > 1  # 13B needs sharding on 80 GB GPUs
     with pytest.raises(ValueError, match="even at partition = world"):
-        recommend_partition_size(big, one_node, 1, 1)
+        recommend_partition_size(big, planner_job(one_node, 1, 1))
+
+
+def test_auto_knows_every_option_that_changes_memory():
+    """Sharding the optimizer over replicas frees memory, so auto may choose a smaller partition."""
+    gpt = pytest.importorskip("torchmics.models.gpt")
+    from torchmics.train.config import TrainConfig
+    from torchmics.train.resolve import planner_job
+
+    info = gpt.ModelInfo("6.7b", gpt.PRESETS["6.7b"].num_params(), 32, 4096, 50304, 2048, 0)
+    cluster = _cluster(gpus_per_node=8, hbm_gib=40)
+    cfg = TrainConfig(model="6.7b", micro_batch=1, accum=4, mixed_precision="bf16", activation_checkpointing=True)
+    plain = recommend_partition_size(info, planner_job(cfg, 64, 8), cluster)
+    sharded_cfg = dataclasses.replace(cfg, optimizer_over_replicas=True, replica_reduce_dtype="bf16")
+    sharded_job = planner_job(sharded_cfg, 64, 8)
+    assert sharded_job.options.replica_sharded_optimizer and sharded_job.options.replica_hop_bytes == 2
+    sharded = recommend_partition_size(info, sharded_job, cluster)
+    assert sharded < plain, (sharded, plain)
+
+
+def test_cpu_offload_moves_model_states_to_the_host():
+    model = ModelSpec.from_preset("6.7b")
+    on_gpu = estimate_memory(model, Strategy.mics(8), 64, 8, micro_batch=1)
+    offloaded = Strategy.mics(8, cpu_offload=True)
+    moved = estimate_memory(model, offloaded, 64, 8, micro_batch=1)
+    states = on_gpu.params + on_gpu.grads + on_gpu.optimizer
+    assert on_gpu.total - moved.total == pytest.approx(states)
+    host = estimate_host_memory(model, offloaded, 64, 8)
+    assert host.training - estimate_host_memory(model, Strategy.mics(8), 64, 8).training == pytest.approx(
+        (4 + 4 + 8) * model.num_params / 8)  # fp32 params, grads and AdamW's two moments, per rank
+
+
+def test_host_memory_is_a_limit_the_plan_names():
+    model = ModelSpec.from_preset("13b")
+    cluster = _cluster(gpus_per_node=8, hbm_gib=80, host_gib=128)
+    candidates = plan(model, cluster, 4, 1, 1, True, Strategy("mics", cpu_offload=True))
+    limits = {c.partition_size: c.limit for c in candidates}
+    assert limits[8] == "host" and limits[32] is None  # 13B's offloaded states need more than a node's host
+    best = recommend(candidates)
+    assert "of host memory usable per rank" in explain(candidates, best)
+    with pytest.raises(ValueError, match="host memory per rank"):
+        recommend(plan(model, cluster, 1, 1, 1, True, Strategy("mics", cpu_offload=True)))

@@ -8,7 +8,9 @@ profile of that GPU model, and between emulated nodes from the socket link measu
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torchmics.plan.cluster import (
@@ -24,27 +26,48 @@ from torchmics.plan.strategy import Strategy
 
 if TYPE_CHECKING:  # planning stays importable without building models
     from torchmics.models import ModelInfo
-    from torchmics.train.config import TrainConfig
 
 A100_80GB_ABOVE_GIB = 48  # between the 40 GB and 80 GB parts, whatever the driver reserves
 UNKNOWN_GPU_STAND_IN = "a100-80gb-3200"
 
 
-def recommend_partition_size(info: ModelInfo, cfg: TrainConfig, world: int, gpus_per_node: int) -> int:
-    """The planner's partition size for ``info`` trained as ``cfg`` on ``world`` local-GPU-type ranks.
+@dataclass(frozen=True)
+class Job:
+    """What ``train --partition-size auto`` knows of its run: shape, batch and the shared options."""
 
-    Raises ``ValueError`` (the planner's message) when no partition size fits in memory.
+    world: int
+    gpus_per_node: int
+    emulated: bool
+    micro_batch: int
+    accum: int
+    activation_checkpointing: bool
+    options: Strategy
+
+
+def recommend_partition_size(info: ModelInfo, job: Job, cluster: ClusterProfile | None = None) -> int:
+    """The planner's partition size for ``info`` trained as ``job`` (on this machine's GPUs by default).
+
+    Raises ``ValueError`` (the planner's message, naming the memory that runs out) when nothing fits.
     """
+    cluster = cluster or local_cluster(job)
+    model = dataclasses.replace(ModelSpec.from_name(info.name), num_params=info.num_params, seq_len=info.seq_len)
+    nodes = job.world // job.gpus_per_node
+    candidates = plan(model, cluster, nodes, job.micro_batch, job.accum, job.activation_checkpointing, job.options)
+    return recommend(candidates).partition_size
+
+
+def local_cluster(job: Job) -> ClusterProfile:
+    """The cluster this job runs on: the local GPU's profile with the memory it and the host report."""
     import torch
 
     memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB
-    emulated = (cfg.emulate_nodes or 1) > 1
-    cluster = job_cluster(torch.cuda.get_device_name(0), memory_gib, gpus_per_node, emulated)
-    options = Strategy("mics", param_bytes=2 if cfg.mixed_precision == "bf16" else 4, reduce_bytes=4)
-    model = dataclasses.replace(ModelSpec.from_name(info.name), num_params=info.num_params, seq_len=info.seq_len)
-    nodes = world // gpus_per_node
-    candidates = plan(model, cluster, nodes, cfg.micro_batch, cfg.accum, cfg.activation_checkpointing, options)
-    return recommend(candidates).partition_size
+    cluster = job_cluster(torch.cuda.get_device_name(0), memory_gib, job.gpus_per_node, job.emulated)
+    return dataclasses.replace(cluster, host_gib=host_memory_gib())
+
+
+def host_memory_gib() -> float:
+    """This machine's physical memory: what the ranks of a node (or of all emulated nodes) share."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
 def job_cluster(device_name: str, memory_gib: float, gpus_per_node: int, emulated: bool) -> ClusterProfile:

@@ -41,6 +41,7 @@ class ClusterProfile:
     peak_tflops: float  # dense bf16
     hbm_gib: float
     hbm_tbps: float  # memory bandwidth (datasheet): the memory-bound optimizer step runs at it
+    host_gib: float  # host memory per node (per host, for emulated nodes): where CPU offload puts the model states
     intra: LinkClass  # NVLink / NVSwitch, per GPU
     inter: LinkClass  # network, per node
     compute_mfu: float
@@ -83,10 +84,11 @@ PROFILES: dict[str, ClusterProfile] = {
             peak_tflops=312,
             hbm_gib=40,
             hbm_tbps=1.555,
+            host_gib=1152,
             intra=_NVLINK_A100,
             inter=LinkClass(alpha=20e-6, beta=30 * GB),
             compute_mfu=0.55,
-            source="AWS p4d.24xlarge, the MiCS paper's cluster. Network: 400 Gbps EFA (50 GB/s line rate); "
+            source="AWS p4d.24xlarge, the MiCS paper's cluster; 1152 GiB host memory. Network: 400 Gbps EFA (50 GB/s line rate); "
             "busbw 30 GB/s is measured (NVIDIA/nccl#527: 1 GiB all-reduce on 4 p4dn nodes, 29.6 GB/s). "
             "Assumptions: 20 us per inter-node ring step (EFA + NCCL proxy), MFU 0.55 (the paper's "
             "54.5% of peak).",
@@ -98,10 +100,11 @@ PROFILES: dict[str, ClusterProfile] = {
             peak_tflops=312,
             hbm_gib=80,
             hbm_tbps=2.039,
+            host_gib=1152,
             intra=_NVLINK_A100,
             inter=_NETWORK_3200,
             compute_mfu=0.55,
-            source="8x A100-80GB nodes with 3200 Gbps (400 GB/s line rate). Assumptions: 80% of line rate "
+            source="Host memory 1152 GiB as AWS p4de.24xlarge (assumption). 8x A100-80GB nodes with 3200 Gbps (400 GB/s line rate). Assumptions: 80% of line rate "
             "achievable (InfiniBand-class), 10 us per inter-node ring step, MFU 0.55.",
         ),
         ClusterProfile(
@@ -111,10 +114,11 @@ PROFILES: dict[str, ClusterProfile] = {
             peak_tflops=989,
             hbm_gib=80,
             hbm_tbps=3.35,
+            host_gib=2048,
             intra=_NVLINK_H100,
             inter=_NETWORK_3200,
             compute_mfu=0.476,
-            source="8x H100 nodes with 3200 Gbps (p5 / DGX H100). Assumptions: NVLink4 busbw 360 GB/s, 80% "
+            source="Host memory 2048 GiB as AWS p5.48xlarge (assumption). 8x H100 nodes with 3200 Gbps (p5 / DGX H100). Assumptions: NVLink4 busbw 360 GB/s, 80% "
             "of the 400 GB/s line rate, 10 us per inter-node ring step. MFU 0.476 is calibrated on our "
             "2x H100 NVLink runs (benchmarks/results/h100-nvlink-1x2).",
         ),
@@ -125,10 +129,11 @@ PROFILES: dict[str, ClusterProfile] = {
             peak_tflops=989,
             hbm_gib=140,
             hbm_tbps=4.8,
+            host_gib=2048,
             intra=_NVLINK_H100,
             inter=_NETWORK_3200,
             compute_mfu=0.51,
-            source="8x H200 nodes with 3200 Gbps. Assumptions as h100-3200 (same NVLink4 and network); MFU "
+            source="Host memory 2048 GiB as AWS p5e.48xlarge (assumption). 8x H200 nodes with 3200 Gbps. Assumptions as h100-3200 (same NVLink4 and network); MFU "
             "0.51 as measured on NVLink on our H200 host (DESIGN.md s7).",
         ),
         ClusterProfile(  # kept as measured: the H200 host's sockets were slower than the H100 host's
@@ -138,11 +143,12 @@ PROFILES: dict[str, ClusterProfile] = {
             peak_tflops=989,
             hbm_gib=140,
             hbm_tbps=4.8,
+            host_gib=512,
             intra=_NVLINK_MEASURED,
             inter=LinkClass(alpha=_LOOPBACK_SOCKET.alpha, beta=2 * 2.7 * GB),
             compute_mfu=0.51,
             emulated=True,
-            source="Our 4x H200 host as 2 emulated nodes x 2 GPUs (NCCL Socket over loopback between nodes). "
+            source="Host memory 512 GiB (the 4x H200 host). Our 4x H200 host as 2 emulated nodes x 2 GPUs (NCCL Socket over loopback between nodes). "
             "Measured (DESIGN.md s7): intra-node busbw 237 GB/s, cross-node pair 2.7 GB/s, MFU 0.51 on "
             "NVLink. Loopback sockets share no NIC (each GPU's connections are CPU-bound), so a node "
             "moves 2 x 2.7 GB/s. Assumption: 157 us per socket ring step, as fitted on the H100 host.",

@@ -21,9 +21,8 @@ from torchmics.plan.planner import (
     recommend,
     render_table,
 )
-from torchmics.plan.records import DTYPE_BYTES
 from torchmics.plan.simulate import default_sizes, render_rows, simulate, write_outputs
-from torchmics.plan.strategy import Strategy
+from torchmics.plan.strategy import DTYPE_BYTES, Strategy, options
 
 SHAPE_FLAGS = ("params", "layers", "d_model")  # a bare shape needs all three
 
@@ -79,6 +78,8 @@ def _add_common(p: argparse.ArgumentParser, default_cluster: str) -> None:
                        help="dtype of the replica hop alone (precision per hop); default: --reduce-dtype")
     train.add_argument("--optimizer-over-replicas", action="store_true",
                        help="shard optimizer states across replicas too (torchmics.ReplicaShardedOptimizer)")
+    train.add_argument("--cpu-offload", action="store_true",
+                       help="keep sharded parameters, gradients and optimizer states in host memory")
 
 
 def positive_int(text: str) -> int:
@@ -133,10 +134,9 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterProfile:
 
 
 def options_from_args(args: argparse.Namespace) -> Strategy:
-    """Precision shared by every candidate (two-hop sync on, as torchmics runs it)."""
-    replica = DTYPE_BYTES[args.replica_reduce_dtype] if args.replica_reduce_dtype else None
-    return Strategy("mics", param_bytes=DTYPE_BYTES[args.param_dtype], reduce_bytes=DTYPE_BYTES[args.reduce_dtype],
-                    replica_reduce_bytes=replica, replica_sharded_optimizer=args.optimizer_over_replicas)
+    """Precision and placement shared by every candidate (two-hop sync on, as torchmics runs it)."""
+    return options(args.param_dtype, args.reduce_dtype, args.replica_reduce_dtype, args.optimizer_over_replicas,
+                   args.cpu_offload)
 
 
 def setting(args: argparse.Namespace, model: ModelSpec, cluster: ClusterProfile) -> str:
@@ -146,6 +146,7 @@ def setting(args: argparse.Namespace, model: ModelSpec, cluster: ClusterProfile)
         f"{args.param_dtype} params, {args.reduce_dtype} gradient reduction, two-hop sync"
         + (f", {args.replica_reduce_dtype} replica hop" if args.replica_reduce_dtype else "")
         + (", optimizer states sharded across replicas" if args.optimizer_over_replicas else "")
+        + (", model states offloaded to host memory" if args.cpu_offload else "")
         + (", activation checkpointing" if args.activation_checkpointing else "")
     )
     return "\n".join([
@@ -153,7 +154,8 @@ def setting(args: argparse.Namespace, model: ModelSpec, cluster: ClusterProfile)
         f"- training: {training}",
         (
             f"- cluster `{cluster.name}`: {cluster.gpus_per_node} x {cluster.gpu} per node, "
-            f"{cluster.hbm_gib * DEFAULT_MEMORY_FRACTION:.1f} GiB usable per GPU. {cluster.source}"
+            f"{cluster.hbm_gib * DEFAULT_MEMORY_FRACTION:.1f} GiB usable per GPU, "
+            f"{cluster.host_gib * DEFAULT_MEMORY_FRACTION:.0f} GiB of host memory per node. {cluster.source}"
         ),
     ])
 

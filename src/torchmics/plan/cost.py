@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torchmics.plan.cluster import ClusterProfile, LinkClass
+from torchmics.plan.memory import MASTER_BYTES
 from torchmics.plan.model_spec import ModelSpec
 from torchmics.plan.strategy import Strategy
 
@@ -75,11 +76,27 @@ def replica_all_reduce_time(nbytes: float, world: int, partition: int, cluster: 
 ADAMW_BYTES_PER_PARAM = 7 * 4
 
 
+# Assumptions for CPU offload: one rank's share of the host's memory bandwidth for AdamW on the CPU,
+# and PCIe 4/5 x16 bandwidth for the shard copies (FSDP2 copies a unit's fp32 shard to the GPU at
+# each all-gather and the reduced gradient back to the host).
+CPU_ADAMW_BYTES_PER_S = 10e9
+PCIE_BYTES_PER_S = 25e9
+
+
 def optimizer_time(model: ModelSpec, strategy: Strategy, world: int, cluster: ClusterProfile) -> float:
     """The optimizer step over this GPU's shard: memory-bound, and nothing is left to hide it behind."""
     p = strategy.partition(world, cluster.gpus_per_node)
     shards = world if strategy.replica_sharded_optimizer else p
-    return ADAMW_BYTES_PER_PARAM * model.num_params / shards / (cluster.hbm_tbps * 1e12)
+    bandwidth = CPU_ADAMW_BYTES_PER_S if strategy.cpu_offload else cluster.hbm_tbps * 1e12
+    return ADAMW_BYTES_PER_PARAM * model.num_params / shards / bandwidth
+
+
+def offload_copy_time(model: ModelSpec, strategy: Strategy, world: int, cluster: ClusterProfile, accum: int) -> float:
+    """Host-device copies of one step under CPU offload: shards up at every gather (forward, backward), gradients down."""
+    if not strategy.cpu_offload:
+        return 0.0
+    shard_bytes = MASTER_BYTES * model.num_params / strategy.partition(world, cluster.gpus_per_node)
+    return accum * 3 * shard_bytes / PCIE_BYTES_PER_S
 
 
 @dataclass(frozen=True)
@@ -155,6 +172,8 @@ def step_time(
 
     synced_steps = 1 if strategy.two_hop else accum
     optimizer = optimizer_time(model, strategy, world, cluster)
+    copies = offload_copy_time(model, strategy, world, cluster, accum)  # assumed not hidden: a bound, not a guess
+    optimizer += copies
     total = (accum - synced_steps) * micro_step(False) + synced_steps * micro_step(True) + optimizer + regather
     tps = tokens * accum / total
     return StepCost(

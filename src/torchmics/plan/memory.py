@@ -24,7 +24,9 @@ still held; the estimate follows FSDP2 with mixed precision and ``zero_grad(set_
   its cast cache holds a ``param_bytes`` copy of every weight until backward, and the residual stream
   stays fp32, so each block's two layer-norm inputs take 4 bytes, not 2;
 * a fixed ``overhead_bytes`` stands for the CUDA context, NCCL buffers and allocator fragmentation
-  (assumption: 1 GiB).
+  (assumption: 1 GiB);
+* with CPU offload the sharded parameters, their gradients and the optimizer states live in host
+  memory: the GPU keeps only what is gathered or computed (:func:`estimate_host_memory` counts the rest).
 
 Checked against every run in ``benchmarks/results/`` (``tests/test_plan.py``): within 15% of
 ``torch.cuda.max_memory_allocated`` (which counts tensors only, so without the overhead).
@@ -91,15 +93,48 @@ def estimate_memory(
         held = (strategy.reduce_bytes if deferred else MASTER_BYTES) * n / p
     else:
         held = max(0.0, MASTER_BYTES * n / p - activations - logits)  # end of backward, if higher
+    on_gpu = 0.0 if strategy.cpu_offload else 1.0
     return MemoryEstimate(
-        params=MASTER_BYTES * n / p,
-        grads=held + (MASTER_BYTES * n if strategy.kind == "ddp" else 0.0),  # DDP: + its buckets
-        optimizer=ADAM_BYTES * n / optimizer_shards,
+        params=on_gpu * MASTER_BYTES * n / p,
+        grads=on_gpu * held + (MASTER_BYTES * n if strategy.kind == "ddp" else 0.0),  # DDP: + its buckets
+        optimizer=on_gpu * ADAM_BYTES * n / optimizer_shards,
         gathered=_gathered_bytes(model, strategy),
         activations=activations,
         logits=logits,
         overhead=overhead_bytes,
     )
+
+
+HOST_BASELINE = 3 * GIB  # assumption: one rank's process (torch, CUDA context, libraries, data) in host memory
+
+
+@dataclass(frozen=True)
+class HostMemoryEstimate:
+    """Host bytes per rank: while the model is built and initialized, and while it trains.
+
+    torchmics builds on ``meta`` and initializes on the GPU (torchmics.materialize), so no rank
+    ever holds the whole model in host memory; what lands there is the offloaded model states.
+    """
+
+    init: float
+    training: float
+
+    @property
+    def peak(self) -> float:
+        return max(self.init, self.training)
+
+
+def estimate_host_memory(
+    model: ModelSpec, strategy: Strategy, world_size: int, gpus_per_node: int, baseline_bytes: float = HOST_BASELINE
+) -> HostMemoryEstimate:
+    """Host bytes per rank for ``strategy``: the process, plus its offloaded shards (CPU offload)."""
+    if not strategy.cpu_offload:
+        return HostMemoryEstimate(init=baseline_bytes, training=baseline_bytes)
+    p = strategy.partition(world_size, gpus_per_node)
+    optimizer_shards = world_size if strategy.replica_sharded_optimizer else p
+    params = MASTER_BYTES * model.num_params / p
+    states = params + MASTER_BYTES * model.num_params / p + ADAM_BYTES * model.num_params / optimizer_shards
+    return HostMemoryEstimate(init=baseline_bytes + params, training=baseline_bytes + states)
 
 
 def _computes_under_autocast(strategy: Strategy) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torchmics.plan._table import markdown_table
 from torchmics.plan.cluster import ClusterProfile
 from torchmics.plan.cost import StepCost, step_time
-from torchmics.plan.memory import GIB, MemoryEstimate, estimate_memory
+from torchmics.plan.memory import GIB, HostMemoryEstimate, MemoryEstimate, estimate_host_memory, estimate_memory
 from torchmics.plan.model_spec import ModelSpec
 from torchmics.plan.strategy import Strategy
 from torchmics.topology import valid_partition_sizes
@@ -32,10 +32,19 @@ class Candidate:
     memory: MemoryEstimate
     budget: float  # usable bytes per GPU
     cost: StepCost
+    host: HostMemoryEstimate
+    host_budget: float  # usable host bytes per rank
+
+    @property
+    def limit(self) -> str | None:
+        """The memory this candidate does not fit in (``"GPU"`` or ``"host"``), or ``None``."""
+        if self.memory.total > self.budget:
+            return "GPU"
+        return "host" if self.host.peak > self.host_budget else None
 
     @property
     def fits(self) -> bool:
-        return self.memory.total <= self.budget
+        return self.limit is None
 
 
 def evaluate(
@@ -57,6 +66,8 @@ def evaluate(
         memory=estimate_memory(model, strategy, world, k, micro_batch, activation_checkpointing, accum=accum),
         budget=cluster.hbm_gib * GIB * memory_fraction,
         cost=step_time(model, cluster, nodes, strategy, micro_batch, accum, activation_checkpointing),
+        host=estimate_host_memory(model, strategy, world, k),
+        host_budget=cluster.host_gib * GIB * memory_fraction / (world if cluster.emulated else k),
     )
 
 
@@ -101,25 +112,32 @@ def recommend(candidates: list[Candidate]) -> Candidate:
 
 
 def nothing_fits(candidates: list[Candidate]) -> ValueError:
-    """The error for a model no candidate fits: what the widest partition still needs, and what helps."""
+    """The error for a model no candidate fits: which memory runs out at the widest partition, and what helps."""
     widest = max(candidates, key=lambda c: c.partition_size)
+    if widest.limit == "host":
+        return ValueError(
+            f"the run needs {widest.host.peak / GIB:.1f} GiB of host memory per rank even at partition = world "
+            f"({widest.partition_size} GPUs; {widest.host_budget / GIB:.1f} GiB usable per rank); use more "
+            "nodes, or train without CPU offload"
+        )
     return ValueError(
         f"the model needs {widest.memory.total_gib:.1f} GiB per GPU even at partition = world "
         f"({widest.partition_size} GPUs; {widest.budget / GIB:.1f} GiB usable per GPU); use more "
-        f"GPUs, activation checkpointing, or a smaller micro-batch"
+        f"GPUs, activation checkpointing, CPU offload, or a smaller micro-batch"
     )
 
 
 def explain(candidates: list[Candidate], chosen: Candidate) -> str:
-    """Why :func:`recommend` chose ``chosen``, in a sentence: what does not fit, and how fast it is."""
+    """Why :func:`recommend` chose ``chosen``, in a sentence: what does not fit where, and how fast it is."""
     reasons = []
-    unfit = sorted({c.partition_size for c in candidates if not c.fits})
-    if unfit:
-        needs = max((c for c in candidates if not c.fits), key=lambda c: c.partition_size).memory.total_gib
-        reasons.append(
-            f"P = {', '.join(map(str, unfit))} do not fit in {chosen.budget / GIB:.1f} GiB usable per GPU "
-            f"(P = {unfit[-1]} needs {needs:.1f} GiB)"
-        )
+    for limit, usable in (("GPU", chosen.budget), ("host", chosen.host_budget)):
+        unfit = [c for c in candidates if c.limit == limit]
+        if unfit:
+            widest = max(unfit, key=lambda c: c.partition_size)
+            needs = widest.memory.total if limit == "GPU" else widest.host.peak
+            sizes = ", ".join(map(str, sorted({c.partition_size for c in unfit})))
+            reasons.append(f"P = {sizes} do not fit in {usable / GIB:.1f} GiB of {limit} memory usable per "
+                           f"{'GPU' if limit == 'GPU' else 'rank'} (P = {widest.partition_size} needs {needs / GIB:.1f} GiB)")
     fastest = max((c for c in candidates if c.fits), key=lambda c: c.cost.tokens_per_s_per_gpu)
     speed = f"{chosen.cost.tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
     if fastest is chosen:
@@ -135,14 +153,15 @@ def explain(candidates: list[Candidate], chosen: Candidate) -> str:
 
 def render_table(candidates: list[Candidate], highlight: Candidate | None = None) -> str:
     """A markdown table of candidates; ``highlight`` (e.g. the recommendation) is marked with ``*``."""
-    headers = ["", "strategy", "P", "memory GiB", "fits", "step s", "tok/s/GPU", "MFU"]
+    headers = ["", "strategy", "P", "memory GiB", "host GiB/rank", "fits", "step s", "tok/s/GPU", "MFU"]
     rows = [
         [
             "*" if c is highlight else "",
             c.label,
             c.partition_size,
             f"{c.memory.total_gib:.1f}",
-            "yes" if c.fits else "no",
+            f"{c.host.peak / GIB:.1f}",
+            "yes" if c.fits else f"no ({c.limit})",
             f"{c.cost.total:.2f}",
             f"{c.cost.tokens_per_s_per_gpu:,.0f}",
             f"{c.cost.mfu:.1%}",

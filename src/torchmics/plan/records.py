@@ -16,10 +16,9 @@ from torchmics.plan.cluster import ClusterProfile, with_gpus_per_node
 from torchmics.plan.cost import StepCost, step_time
 from torchmics.plan.memory import MemoryEstimate, estimate_memory
 from torchmics.plan.model_spec import ModelSpec
-from torchmics.plan.strategy import Strategy
+from torchmics.plan.strategy import Strategy, options
 
 Record = dict[str, Any]
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def read_jsonl(path: str | Path) -> list[Record]:
@@ -46,9 +45,9 @@ def record_strategy(record: Record) -> Strategy:
     The bench's DDP all-reduces every micro-step (no ``no_sync``); FSDP2 HSDP gathers with NCCL's flat
     ring; torchmics is MiCS, hierarchical where its partition spans nodes, two-hop unless told not to.
     """
-    precision = {"param_bytes": DTYPE_BYTES[record["param_dtype"]], "reduce_bytes": DTYPE_BYTES[record["reduce_dtype"]]}
-    if record.get("replica_reduce_dtype"):
-        precision["replica_reduce_bytes"] = DTYPE_BYTES[record["replica_reduce_dtype"]]
+    shared = options(record["param_dtype"], record["reduce_dtype"], record.get("replica_reduce_dtype"))
+    precision = {"param_bytes": shared.param_bytes, "reduce_bytes": shared.reduce_bytes,
+                 "replica_reduce_bytes": shared.replica_reduce_bytes}
     system, p = record["system"], record["partition_size"]
     if system == "ddp":
         return Strategy.ddp(two_hop=False, **precision)

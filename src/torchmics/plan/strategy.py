@@ -29,7 +29,8 @@ class Strategy:
     alone (precision per hop; ``None``: ``reduce_bytes``). ``replica_sharded_optimizer`` additionally
     shards the optimizer states across replicas (W / P ways), which MiCS itself does not do: the
     replica hop becomes a reduce-scatter in backward and an all-gather of updated parameters (in
-    ``param_bytes``) after the optimizer step.
+    ``param_bytes``) after the optimizer step. ``cpu_offload`` keeps the sharded parameters, gradients
+    and optimizer states in host memory (FSDP2's ``CPUOffloadPolicy``) and steps the optimizer there.
     """
 
     kind: Kind
@@ -40,6 +41,7 @@ class Strategy:
     reduce_bytes: int = 4
     replica_reduce_bytes: int | None = None
     replica_sharded_optimizer: bool = False
+    cpu_offload: bool = False
 
     @property
     def replica_hop_bytes(self) -> int:
@@ -76,3 +78,27 @@ class Strategy:
     def with_sharding(self, kind: Kind, partition_size: int | None = None, hierarchical: bool = False) -> Strategy:
         """The same precision and synchronisation options, sharded another way."""
         return dataclasses.replace(self, kind=kind, partition_size=partition_size, hierarchical=hierarchical)
+
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # the dtype names of flags, configs and bench records
+
+
+def options(
+    param_dtype: str = "bf16",
+    reduce_dtype: str = "fp32",
+    replica_reduce_dtype: str | None = None,
+    optimizer_over_replicas: bool = False,
+    cpu_offload: bool = False,
+) -> Strategy:
+    """The settings every candidate of a plan shares, from the names flags and records use.
+
+    The one mapping from user-facing options to the planner's terms: ``plan``, ``simulate``, the
+    bench-record reader and ``train --partition-size auto`` all come through here.
+    """
+    for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+        if value not in DTYPE_BYTES:
+            raise ValueError(f"{name} must be one of {', '.join(DTYPE_BYTES)}, got {value!r}")
+    replica = DTYPE_BYTES[replica_reduce_dtype] if replica_reduce_dtype else None
+    return Strategy("mics", param_bytes=DTYPE_BYTES[param_dtype], reduce_bytes=DTYPE_BYTES[reduce_dtype],
+                    replica_reduce_bytes=replica, replica_sharded_optimizer=optimizer_over_replicas,
+                    cpu_offload=cpu_offload)

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torchmics.models import PRESETS, schedules
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -20,7 +22,7 @@ class TrainConfig:
     """Every knob of `torchmics train`. Flags and TOML keys share these names (``-`` or ``_``)."""
 
     model: str = "small"  # preset name or hf:<path to config.json>
-    data: str | None = None  # text file / folder / .bin of uint16 tokens; None: the stdlib corpus
+    data: str | None = None  # token file (prepare-data) / .bin of uint16 tokens / text file or folder; None: stdlib
     nproc: int | None = None  # local processes; None: all GPUs, or 4 on CPU
     emulate_nodes: int | None = None  # None: 2 on CPU (so the hierarchy runs), 1 on GPUs
     gpus_per_node: int | None = None  # None: processes per (emulated) node
@@ -29,9 +31,9 @@ class TrainConfig:
     accum: int = 2  # micro-steps per optimizer step (two-hop sync runs when > 1)
     seq_len: int | None = None  # None: the model's context length
     steps: int = 120
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup: int = 12
+    lr: float | None = None  # None: the GPT-3 paper's value for the model's size (see models/schedules.py)
+    min_lr: float | None = None  # None: 10% of lr
+    warmup: int | None = None  # None: GPT-3's 375M tokens, at most 10% of the steps
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     mixed_precision: str = "fp32"  # fp32 | bf16
@@ -39,31 +41,42 @@ class TrainConfig:
     optimizer_over_replicas: bool = False  # shard optimizer states across replicas too (1/W of AdamW's state)
     activation_checkpointing: bool = False
     compile: bool = False
+    cpu_offload: bool = False  # sharded params, grads and optimizer states in host memory (FSDP2 CPUOffloadPolicy)
+    random_init: bool = False  # start from random weights even when --model hf:DIR holds pretrained ones
     seed: int = 0
     eval_every: int = 40
     eval_batches: int = 4
+    log_every: int = 10  # steps per log interval: losses are read and time is measured once per interval
+    max_skipped_steps: int = 0  # consecutive non-finite steps skipped before stopping (> 0: one device sync per step)
     checkpoint_every: int = 0  # 0: no periodic checkpoints (a final one still when --resume is set)
+    keep_checkpoints: int | None = None  # None: keep every checkpoint; N: the newest N (and the resumed one)
+    tensorboard: bool = False  # TensorBoard event files in <out>/tensorboard
+    wandb: bool = False  # a Weights & Biases run (WANDB_MODE=offline: files in <out>/wandb, no network)
+    wandb_project: str = "torchmics"
     resume: str | None = None  # None, "auto" (latest in --out) or a checkpoint path
     out: str = field(default_factory=lambda: f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 
+    def __post_init__(self) -> None:
+        self.lr, self.min_lr = schedules.fill_lrs(self.model, self.lr, self.min_lr)
+
     def validate(self) -> None:
         """Errors that need no processes: caught before anything is spawned."""
-        positive = ("micro_batch", "accum", "steps", "eval_every", "eval_batches")
+        positive = ("micro_batch", "accum", "steps", "eval_every", "eval_batches", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("nproc", "emulate_nodes", "gpus_per_node", "seq_len"):
+        for name in ("nproc", "emulate_nodes", "gpus_per_node", "seq_len", "keep_checkpoints"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        for name in ("warmup", "checkpoint_every", "weight_decay"):
-            if getattr(self, name) < 0:
+        for name in ("warmup", "checkpoint_every", "weight_decay", "max_skipped_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.grad_clip <= 0:
             raise ValueError(f"--grad-clip must be > 0 (inf turns clipping off), got {self.grad_clip}")
-        if self.mixed_precision not in ("fp32", "bf16"):
+        if self.mixed_precision not in CHOICES["mixed_precision"]:
             raise ValueError(f"--mixed-precision must be fp32 or bf16, got {self.mixed_precision!r}")
-        if self.replica_reduce_dtype not in (None, "fp32", "bf16"):
+        if self.replica_reduce_dtype not in (None, *CHOICES["replica_reduce_dtype"]):
             raise ValueError(f"--replica-reduce-dtype must be fp32 or bf16, got {self.replica_reduce_dtype!r}")
         if self.partition_size != "auto" and not str(self.partition_size).isdigit():
             raise ValueError(f"--partition-size must be a positive integer or 'auto', got {self.partition_size!r}")
@@ -71,7 +84,8 @@ class TrainConfig:
             raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
 
 
-_FIELD_TYPES = {"int": int, "int | None": int, "float": float, "str": str, "str | None": str, "bool": bool}
+_FIELD_TYPES = {"int": int, "int | None": int, "float": float, "float | None": float, "str": str, "str | None": str,
+                "bool": bool}
 
 
 def _flag_type(f: dataclasses.Field) -> type:
@@ -96,15 +110,81 @@ def _check_toml_value(path: Path, name: str, value: object) -> None:
         raise ValueError(f"{path}: {name} = {value!r} must be {description}")
 
 
+_PRESETS = ", ".join(PRESETS)
+
+# What each flag does, its allowed values, and for a default of None what that means; build_parser
+# appends the default itself and CHOICES. Every field needs an entry (one line of `train --help`).
+HELP: dict[str, str] = {
+    "model": f"a GPT preset ({_PRESETS}) or hf:<config.json or folder> for a transformers causal LM",
+    "data": "training tokens: a token file of `torchmics prepare-data`, a headerless .bin of uint16 tokens "
+    "(nanoGPT's), or a text file or folder read as bytes (default: the Python standard library's source, byte-level)",
+    "nproc": "processes to start on this machine, >= 1 (default: one per GPU, or 4 on CPU)",
+    "emulate_nodes": "split the local processes into this many emulated nodes, >= 1, dividing --nproc "
+    "(default: 2 on CPU, so the hierarchical collectives run; 1 on GPUs)",
+    "gpus_per_node": "ranks per node the topology assumes, >= 1 (default: processes per node)",
+    "partition_size": "ranks that shard one model replica: an integer dividing the world size, or auto "
+    "(the planner's choice; the whole world on CPU)",
+    "micro_batch": "sequences per rank per micro-step, >= 1",
+    "accum": "micro-steps per optimizer step, >= 1 (two-hop gradient sync runs when > 1)",
+    "seq_len": "tokens per sequence, >= 1 (default: the model's context length)",
+    "steps": "optimizer steps to train, >= 1",
+    "lr": "peak learning rate, > 0 (default: the GPT-3 paper's value for the model's size)",
+    "min_lr": "final learning rate of the cosine decay, 0 <= min-lr <= lr (default: 10%% of --lr)",
+    "warmup": "linear warmup steps, >= 0 (default: GPT-3's 375M tokens, at most 10%% of the steps)",
+    "weight_decay": "AdamW weight decay, >= 0",
+    "grad_clip": "clip the global gradient norm to this, > 0 (inf: no clipping)",
+    "mixed_precision": "compute dtype of parameters in forward and backward (bf16 reduces in fp32)",
+    "replica_reduce_dtype": "dtype of the gradient all-reduce across replicas "
+    "(default: the partition group's reduce dtype)",
+    "optimizer_over_replicas": "also shard optimizer states across replicas (1/world of AdamW's state per rank)",
+    "activation_checkpointing": "recompute each block's activations in backward, to save memory",
+    "compile": "torch.compile each sharded unit",
+    "cpu_offload": "keep sharded parameters, gradients and optimizer states in host memory",
+    "random_init": "start from random weights even when --model hf:<folder> holds pretrained ones",
+    "seed": "seed of initialization and data order",
+    "eval_every": "steps between validation-loss evaluations, >= 1 (the last step always evaluates)",
+    "eval_batches": "batches per validation-loss evaluation, >= 1",
+    "log_every": "steps per log interval (losses are read and time measured once per interval), >= 1",
+    "max_skipped_steps": "consecutive steps with a non-finite gradient to skip before stopping, >= 0 "
+    "(> 0 costs one device sync per step)",
+    "checkpoint_every": "steps between checkpoints in --out, >= 0 (0: none, except a final one when --resume is set)",
+    "keep_checkpoints": "keep only the newest N checkpoints, >= 1; the one the run resumed from is never "
+    "deleted (default: keep all)",
+    "resume": "continue from a checkpoint: auto (the newest undamaged one in --out, if any) or a step_<N> "
+    "folder; later checkpoints of --out are moved aside (default: a fresh run)",
+    "tensorboard": "write every metric and the config as TensorBoard event files in <out>/tensorboard "
+    "(needs torchmics[tracking])",
+    "wandb": "log every metric and the config to a Weights & Biases run (needs torchmics[tracking]; "
+    "with WANDB_MODE=offline it is written to <out>/wandb without network, for `wandb sync` later)",
+    "wandb_project": "the W&B project of --wandb runs",
+    "out": "the run folder: metrics, plot, checkpoints; one job at a time, never another run's results",
+}
+CHOICES: dict[str, tuple[str, ...]] = {"mixed_precision": ("fp32", "bf16"), "replica_reduce_dtype": ("fp32", "bf16")}
+_DEFAULT_SHOWN = {"out": "runs/<date>-<time>"}  # a default computed when the run starts
+
+
+def _help(f: dataclasses.Field) -> str:
+    """HELP's text, then the default and the allowed values where HELP does not say them."""
+    parts = [HELP[f.name]]
+    if f.name in CHOICES:
+        parts.append(f"one of: {', '.join(CHOICES[f.name])}")
+    default = _DEFAULT_SHOWN.get(f.name, f.default)
+    if default is not None:
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        parts.append(f"default: {shown}")
+    return "; ".join(parts)
+
+
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add one flag per field; defaults stay unset so that a TOML file can fill them."""
-    parser.add_argument("--config", help="TOML file with the same keys as the flags")
+    """Add one flag per field, with its help; defaults stay unset so that a TOML file can fill them."""
+    parser.add_argument("--config", help="TOML file with the same keys as the flags (flags given override it)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error, not one line")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_help(f))
         else:
-            parser.add_argument(flag, type=_flag_type(f), default=None)
+            parser.add_argument(flag, type=_flag_type(f), default=None, choices=CHOICES.get(f.name), help=_help(f))
     return parser
 
 

@@ -1,6 +1,9 @@
 """What a training run shows and leaves behind: the plan, live progress, metrics.jsonl, loss.png.
 
-Only rank 0 reports; the other ranks get a disabled `Reporter` so the loop has no rank checks.
+Only rank 0 reports; the other ranks get a disabled `Reporter` so the loop has no rank checks. The
+loop hands over one log interval at a time (see :mod:`torchmics.train.meter`): one record per step,
+whose time fields are the interval's averages. The summary's speed is the median over this session's
+steps after its first interval (which includes compilation and warm-up), as bench skips warm-up steps.
 """
 
 from __future__ import annotations
@@ -8,27 +11,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import resource
+import os
+import statistics
 import time
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from torchmics.models import schedules
 from torchmics.models.gpt import ModelInfo
 from torchmics.topology import Topology
 from torchmics.train.config import TrainConfig
+from torchmics.train.tracking import Trackers
 
 GiB, MiB = 2**30, 2**20
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak accelerator memory allocated, or the process's peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+LAUNCHED_AT_ENV = "TORCHMICS_LAUNCHED_AT"  # wall-clock time the command started, set by `torchmics train`
 
 
 def model_state_bytes(model: nn.Module, optimizer_shards: int = 1) -> int:
@@ -60,6 +59,7 @@ class Reporter:
     ):
         self.enabled, self.cfg, self.info = enabled, cfg, info
         self.records: list[dict] = []
+        self.session: list[list[dict]] = []  # this session's intervals, each a list of records
         if not enabled:
             return
         self.out = Path(cfg.out)
@@ -69,8 +69,9 @@ class Reporter:
         # soft_wrap: a line written to a log file stays one line, whatever width rich assumes there.
         self.console = Console(highlight=False, soft_wrap=True)
         self.started = time.perf_counter()
-        self._write_config(topo, source)
+        config = self._write_config(topo, source)
         self._print_plan(topo, source, model)
+        self.trackers = Trackers(cfg, config, start)  # TensorBoard / W&B, if asked for
         if resumed_from is not None:
             self.console.print(f"resumed   from {resumed_from} at step {start}")
         self.progress = Progress(
@@ -84,7 +85,7 @@ class Reporter:
         self.task = self.progress.add_task("train", total=cfg.steps, completed=start, status="")
         self.progress.start()
 
-    def _write_config(self, topo: Topology, source: str) -> None:
+    def _write_config(self, topo: Topology, source: str) -> dict:
         config = dataclasses.asdict(self.cfg) | {
             "partition_size": topo.partition_size,
             "world_size": topo.world_size,
@@ -93,6 +94,7 @@ class Reporter:
             "model_info": dataclasses.asdict(self.info),
         }
         (self.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return config
 
     def _print_plan(self, topo: Topology, source: str, model: nn.Module) -> None:
         shards = topo.num_replicas if self.cfg.optimizer_over_replicas else 1
@@ -107,22 +109,50 @@ class Reporter:
                            f"{self.cfg.accum} micro-steps per step")
         self.console.print(f"output    {self.out}")
 
-    def log(self, record: dict) -> None:
+    def show_startup(self, weights: str, setup_s: float) -> None:
+        """Where the weights came from and how long it took to be ready: the time to the first step."""
         if not self.enabled:
             return
-        self.records.append(record)
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-        status = f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s"
-        self.progress.update(self.task, completed=record["step"], status=status)
-        if "val_loss" in record or not self.console.is_terminal and record["step"] % max(1, self.cfg.steps // 15) == 0:
-            val = f"  val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
-            self.progress.console.print(f"step {record['step']:>6}  {status}  lr {record['lr']:.2e}{val}")
+        offload = "; model states in host memory (--cpu-offload)" if self.cfg.cpu_offload else ""
+        self.console.print(f"weights   {weights}{offload}")
+        launched = os.environ.get(LAUNCHED_AT_ENV)
+        since_launch = f", {time.time() - float(launched):.1f} s after launch" if launched else ""
+        self.console.print(f"startup   built, sharded, initialized and ready to train in {setup_s:.1f} s{since_launch}")
 
-    def finish(self) -> dict:
+    def show_schedule(self, schedule: schedules.Schedule, tokens_per_step: int) -> None:
+        """The plan's learning-rate line: the values used and where each comes from."""
+        if self.enabled:
+            line = schedules.describe(self.cfg.model, schedule, self.cfg.warmup is not None, tokens_per_step)
+            self.progress.console.print(f"schedule  {line}")
+
+    def log(self, records: list[dict]) -> None:
+        """One log interval: its records go to metrics.jsonl, its last one to the progress line."""
+        if not self.enabled or not records:
+            return
+        self.records += records
+        self.session.append(records)
+        self.metrics.writelines(json.dumps(r) + "\n" for r in records)
+        self.metrics.flush()
+        self.trackers.log(records)
+        last = records[-1]
+        status = f"loss {last['loss']:.4f}  {_speed(last['tokens_per_s_per_gpu'], last['mfu'])}  " \
+                 f"{last['peak_mem_bytes'] / GiB:.1f} GiB"
+        self.progress.update(self.task, completed=last["step"], status=status)
+        if "val_loss" in last or not self.console.is_terminal:
+            val = f"  val_loss {last['val_loss']:.4f}" if "val_loss" in last else ""
+            self.progress.console.print(f"step {last['step']:>6}  {status}  lr {last['lr']:.2e}{val}")
+
+    def stop(self, message: str) -> None:
+        """End a run that cannot go on: say why in one line, then close the outputs as `finish` does."""
+        if self.enabled:
+            self.progress.console.print(f"[bold red]stopped[/bold red]: {message}")
+            self.finish(headline="[bold red]stopped[/bold red] after")
+
+    def finish(self, headline: str = "[bold]done[/bold] in") -> dict:
         """Close outputs, draw the loss curve, print and return the summary of the whole run (rank 0; {} elsewhere).
 
-        The whole run includes the steps of earlier sessions of a resumed run (they are in metrics.jsonl).
+        The whole run includes the steps of earlier sessions of a resumed run (they are in metrics.jsonl);
+        its speed is this session's (see the module docstring).
         """
         if not self.enabled:
             return {}
@@ -130,6 +160,7 @@ class Reporter:
         self.metrics.close()
         if not self.records:  # resumed at or past --steps into an --out without metrics: nothing ran
             self.console.print(f"[bold]done[/bold]: the checkpoint already holds all {self.cfg.steps} steps")
+            self.trackers.finish({})
             return {}
         last_val = [r["val_loss"] for r in self.records if "val_loss" in r]
         summary = {
@@ -139,16 +170,37 @@ class Reporter:
             "final_val_loss": last_val[-1] if last_val else None,
         }
         plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
-        rates = [r["tokens_per_s"] for r in self.records[1:]] or [0.0]
         val = "n/a" if summary["final_val_loss"] is None else f"{summary['final_val_loss']:.4f}"
+        speed = ""
+        if self.session:  # empty when a resumed run had no steps left
+            summary |= self._speed_summary()
+            first, last = summary.pop("timed_steps")
+            speed = (f"{_speed(summary['tokens_per_s_per_gpu'], summary['mfu'])} (median of steps {first}-{last}; "
+                     f"{summary['tokens_per_s']:,.0f} tok/s in all), "
+                     f"peak memory {summary['peak_mem_bytes'] / GiB:.2f} GiB per rank; ")
         self.console.print(
-            f"[bold]done[/bold] in {time.perf_counter() - self.started:.0f} s: loss {summary['first_loss']:.4f} -> "
-            f"{summary['final_loss']:.4f}, val {val}, "
-            f"{sorted(rates)[len(rates) // 2]:,.0f} tok/s (median), "
-            f"peak memory {max(r['peak_mem_bytes'] for r in self.records) / GiB:.2f} GiB per rank; "
-            f"see {self.out}/metrics.jsonl and loss.png"
+            f"{headline} {time.perf_counter() - self.started:.0f} s: loss {summary['first_loss']:.4f} -> "
+            f"{summary['final_loss']:.4f}, val {val}, {speed}see {self.out}/metrics.jsonl and loss.png"
         )
+        self.trackers.finish(summary)
         return summary
+
+    def _speed_summary(self) -> dict:
+        """Medians over this session's steps after its first interval (all of them if there was only one)."""
+        timed = [r for interval in self.session[1:] or self.session for r in interval]
+        medians = {key: _median(timed, key) for key in ("tokens_per_s", "tokens_per_s_per_gpu", "mfu", "step_time_s")}
+        return medians | {"timed_steps": (timed[0]["step"], timed[-1]["step"]),
+                          "peak_mem_bytes": max(r["peak_mem_bytes"] for r in timed)}
+
+
+def _speed(tokens_per_s_per_gpu: float, mfu: float | None) -> str:
+    return f"{tokens_per_s_per_gpu:,.0f} tok/s/GPU" + ("" if mfu is None else f"  MFU {100 * mfu:.1f}%")
+
+
+def _median(records: list[dict], key: str) -> float | None:
+    """The median of ``key`` over records that have it (None if none: MFU on a device without a known peak)."""
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def read_records(metrics_path: Path) -> list[dict]:

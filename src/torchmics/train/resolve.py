@@ -11,6 +11,8 @@ import os
 import torch
 
 from torchmics.models.gpt import ModelInfo
+from torchmics.plan.auto import Job, recommend_partition_size
+from torchmics.plan.strategy import options
 from torchmics.topology import validate
 from torchmics.train.config import TrainConfig
 
@@ -40,10 +42,19 @@ def resolve_partition_size(cfg: TrainConfig, info: ModelInfo, world: int, gpus_p
     if cfg.partition_size != "auto":
         size = int(cfg.partition_size)
     elif torch.cuda.is_available():
-        from torchmics.plan.auto import recommend_partition_size
-
-        size = recommend_partition_size(info, cfg, world, gpus_per_node)
+        size = recommend_partition_size(info, planner_job(cfg, world, gpus_per_node))
     else:
         size = world
     validate(world, gpus_per_node, size)
     return size
+
+
+def planner_job(cfg: TrainConfig, world: int, gpus_per_node: int) -> Job:
+    """The run in the planner's terms: every option that changes memory or speed, as ``train`` applies it.
+
+    Compute in ``--mixed-precision``, gradients reduced in fp32 inside the partition group (see
+    train/build.py), the replica hop in ``--replica-reduce-dtype``.
+    """
+    shared = options(cfg.mixed_precision, "fp32", cfg.replica_reduce_dtype, cfg.optimizer_over_replicas, cfg.cpu_offload)
+    return Job(world, gpus_per_node, (cfg.emulate_nodes or 1) > 1, cfg.micro_batch, cfg.accum,
+               cfg.activation_checkpointing, shared)
