@@ -15,7 +15,7 @@ from torchmics.bench.collectives import measure_collectives
 from torchmics.bench.deepspeed_peer import DEEPSPEED_UNAVAILABLE
 from torchmics.bench.report import markdown_table, write_outputs
 from torchmics.bench.runner import BenchConfig, run_system
-from torchmics.bench.systems import SYSTEMS
+from torchmics.bench.systems import SINGLE_DEVICE_SYSTEMS, SYSTEMS
 from torchmics.topology import validate
 from torchmics.train.launcher import LocalLaunch, spawn
 
@@ -27,7 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description="Measures tokens/s per GPU, MFU and peak memory of each system. "
                               "On CPU it runs a tiny model on gloo (a functional check, not a figure).")
     p.add_argument("--model", default="1.4b" if ON_GPU else "tiny")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from: {', '.join(SYSTEMS)}")
+    p.add_argument("--systems", default=None, help=f"comma-separated, from: {', '.join(SYSTEMS)} (default: all; "
+                   f"{', '.join(SINGLE_DEVICE_SYSTEMS)} only with --nproc 1)")
     p.add_argument("--partition-size", type=int, default=None, help="torchmics/HSDP partition size (default: GPUs per node)")
     p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 4)
     p.add_argument("--emulate-nodes", type=int, default=1)
@@ -40,7 +41,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--param-dtype", choices=("bf16", "fp32"), default="bf16" if ON_GPU else "fp32")
     p.add_argument("--replica-reduce-dtype", choices=("bf16", "fp32"), default=None,
                    help="torchmics systems: dtype of the replica hop (precision per hop); default: --reduce-dtype")
-    p.add_argument("--compile", action="store_true", help="torch.compile every unit (blocks) of every system")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every unit (blocks) of every system, and the loss (fused cross-entropy)")
+    p.add_argument("--grad-clip", type=float, default=None,
+                   help="clip the gradient norm every step, as `torchmics train` does (default: no clipping; "
+                   "not for DeepSpeed systems)")
     p.add_argument("--profile", action="store_true",
                    help="profile one extra step per system (rank 0): kernel table and Chrome trace in <out>/profiles, "
                    "compute / communication / exposed seconds in results.jsonl")
@@ -49,16 +54,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _config(args: argparse.Namespace) -> BenchConfig:
-    unknown = [s for s in args.systems.split(",") if s not in SYSTEMS]
+def _systems(args: argparse.Namespace) -> list[str]:
+    """The systems asked for (default: every one that fits ``--nproc``), checked before anything runs."""
+    if args.systems is None:
+        return [s for s in SYSTEMS if args.nproc == 1 or s not in SINGLE_DEVICE_SYSTEMS]
+    systems = args.systems.split(",")
+    unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         why = f" ({DEEPSPEED_UNAVAILABLE})" if DEEPSPEED_UNAVAILABLE and any(s.startswith("deepspeed") for s in unknown) else ""
         raise ValueError(f"unknown systems {unknown}{why}; valid: {', '.join(SYSTEMS)}")
+    single = [s for s in systems if s in SINGLE_DEVICE_SYSTEMS]
+    if single and args.nproc != 1:
+        raise ValueError(f"{', '.join(single)} runs on one GPU: bench it with --nproc 1 (got --nproc {args.nproc})")
+    if args.grad_clip is not None and any(s.startswith("deepspeed") for s in systems):
+        raise ValueError("--grad-clip is not supported for DeepSpeed systems (DeepSpeed clips inside its engine)")
+    return systems
+
+
+def _config(args: argparse.Namespace) -> BenchConfig:
+    args.systems = ",".join(_systems(args))
     LocalLaunch(args.nproc, args.emulate_nodes)  # validates the split into nodes
     profile_dir = str(_out_dir(args) / "profiles") if args.profile else None
     return BenchConfig(args.model, args.micro_batch, args.seq_len, args.accum, args.steps, args.warmup,
                        args.emulate_nodes, args.nproc, args.reduce_dtype, args.param_dtype, args.replica_reduce_dtype,
-                       args.compile, profile_dir)
+                       compile=args.compile, grad_clip=args.grad_clip, profile_dir=profile_dir)
 
 
 def _out_dir(args: argparse.Namespace) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from torchmics import hardware
 from torchmics.bench.profile import profile_step
 from torchmics.bench.systems import LEARNING_RATE, SYSTEMS, BenchSpec
 from torchmics.models import build_model, causal_lm_loss, logits_of
@@ -26,9 +27,6 @@ from torchmics.sharding import DTYPES
 from torchmics.topology import ensure_process_group
 from torchmics.wrapping import compile_units
 from torchmics.train.launcher import LocalLaunch, spawn
-
-# Dense bf16 peak of the cards we measure on (vendor datasheets, SXM parts).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 @dataclass(frozen=True)
@@ -44,16 +42,13 @@ class BenchConfig:
     reduce_dtype: str  # "bf16" | "fp32"
     param_dtype: str
     replica_reduce_dtype: str | None = None  # torchmics only: the replica hop's own dtype
-    compile: bool = False  # torch.compile every unit (all systems alike)
+    compile: bool = False  # torch.compile every unit and the loss (all systems alike)
+    grad_clip: float | None = None  # clip the gradient norm every step, as train does (None: no clipping)
     profile_dir: str | None = None  # profile one extra step on rank 0 into this folder
 
 
-def peak_flops(device_name: str) -> float | None:
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in device_name), None)
-
-
 def _partition_for(system: str, partition_size: int, world: int) -> int:
-    return {"fsdp2-full": world, "deepspeed-zero3": world, "ddp": 1}.get(system, partition_size)
+    return {"fsdp2-full": world, "deepspeed-zero3": world, "ddp": 1, "single": 1}.get(system, partition_size)
 
 
 def _measure(cfg: BenchConfig, system: str, partition_size: int, out_file: str) -> None:
@@ -71,14 +66,17 @@ def _measure(cfg: BenchConfig, system: str, partition_size: int, out_file: str) 
     prepared = SYSTEMS[system](spec, model)
     optimizer = prepared.optimizer or torch.optim.AdamW(prepared.model.parameters(), lr=LEARNING_RATE, fused=cuda)
     generator = torch.Generator(device=device).manual_seed(dist.get_rank())
+    clip = prepared.clip_grad_norm or (lambda max_norm: torch.nn.utils.clip_grad_norm_(prepared.model.parameters(), max_norm))
 
     def run_step() -> None:
         for micro in range(cfg.accum):
             tokens = torch.randint(0, info.vocab_size, (cfg.micro_batch, info.seq_len + 1), device=device, generator=generator)
             autocast = torch.autocast(device.type, torch.bfloat16) if prepared.autocast else contextlib.nullcontext()
             with prepared.sync(micro == cfg.accum - 1), autocast:
-                loss = causal_lm_loss(logits_of(prepared.model, tokens[:, :-1]), tokens[:, 1:]) / cfg.accum
+                loss = causal_lm_loss(logits_of(prepared.model, tokens[:, :-1]), tokens[:, 1:], fused=cfg.compile) / cfg.accum
                 (prepared.backward or torch.Tensor.backward)(loss)
+        if cfg.grad_clip is not None:
+            clip(cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -107,8 +105,7 @@ def _measure(cfg: BenchConfig, system: str, partition_size: int, out_file: str) 
 
 def _record(cfg: BenchConfig, spec: BenchSpec, info, step_time: float, device: torch.device) -> dict:
     tokens_per_gpu = cfg.micro_batch * info.seq_len * cfg.accum / step_time
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = peak_flops(name)
+    name = hardware.device_name(device)
     return {
         "system": spec.system,
         "partition_size": _partition_for(spec.system, spec.partition_size, cfg.nproc),
@@ -126,12 +123,13 @@ def _record(cfg: BenchConfig, spec: BenchSpec, info, step_time: float, device: t
         "param_dtype": cfg.param_dtype,
         "step_time_s": step_time,
         "tokens_per_s_per_gpu": tokens_per_gpu,
-        "mfu": tokens_per_gpu * info.flops_per_token / peak if peak else None,
+        "mfu": hardware.mfu(tokens_per_gpu, info.flops_per_token, hardware.peak_flops(name)),
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "device": name,
         "torch": torch.__version__,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
         "compiled": cfg.compile,
+        "grad_clip": cfg.grad_clip,
         "status": "ok",
     }
 

@@ -45,6 +45,11 @@ class Prepared:
     autocast: bool = False  # DDP keeps fp32 params and computes under bf16 autocast
     optimizer: torch.optim.Optimizer | None = None  # None: AdamW over model.parameters()
     backward: Callable[[torch.Tensor], None] | None = None  # None: loss.backward() (DeepSpeed has its own)
+    clip_grad_norm: Callable[[float], torch.Tensor] | None = None  # None: torch.nn.utils.clip_grad_norm_
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _always_sync(is_last: bool) -> AbstractContextManager:
@@ -64,7 +69,7 @@ def _torchmics(spec: BenchSpec, model: nn.Module, hierarchical, two_hop: bool, o
     def sync(is_last: bool) -> AbstractContextManager:
         return contextlib.nullcontext() if is_last or not two_hop else torchmics.no_replica_sync(model)
 
-    return Prepared(model, sync, optimizer=optimizer)
+    return Prepared(model, sync, optimizer=optimizer, clip_grad_norm=lambda max_norm: torchmics.clip_grad_norm_(model, max_norm))
 
 
 def _fsdp2(spec: BenchSpec, model: nn.Module, hsdp: bool) -> Prepared:
@@ -88,11 +93,22 @@ def _ddp(spec: BenchSpec, model: nn.Module) -> Prepared:
     """DDP all-reduces every micro-step (no ``no_sync``), the DESIGN.md §7 baseline."""
     from torch.nn.parallel import DistributedDataParallel
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = _device()
     ddp = DistributedDataParallel(model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
     if spec.reduce_dtype == torch.bfloat16:
         ddp.register_comm_hook(dist.group.WORLD, _bf16_all_reduce)
     return Prepared(ddp, _always_sync, autocast=spec.param_dtype != torch.float32)
+
+
+def _single(spec: BenchSpec, model: nn.Module) -> Prepared:
+    """The plain single-GPU loop every sharded system is measured against (torch.compile's reference too).
+
+    No sharding and no hooks: fp32 weights, bf16 autocast (with ``--param-dtype bf16``), AdamW over
+    the parameters, as a user trains a model that fits one GPU.
+    """
+    if dist.get_world_size() != 1:
+        raise ValueError(f"the single system runs on one GPU, not {dist.get_world_size()}; bench it with --nproc 1")
+    return Prepared(model.to(_device()), _always_sync, autocast=spec.param_dtype != torch.float32)
 
 
 def _bf16_all_reduce(group, bucket):  # unannotated: DDP checks the hook's annotations at run time
@@ -102,6 +118,7 @@ def _bf16_all_reduce(group, bucket):  # unannotated: DDP checks the hook's annot
     return work.get_future().then(lambda fut: bucket.buffer().copy_(fut.value()[0]))
 
 
+SINGLE_DEVICE_SYSTEMS = ("single",)  # run only with --nproc 1
 SYSTEMS: dict[str, Callable[[BenchSpec, nn.Module], Prepared]] = {
     "torchmics": lambda spec, model: _torchmics(spec, model, "auto", two_hop=True),
     "torchmics-flat": lambda spec, model: _torchmics(spec, model, False, two_hop=True),
@@ -110,5 +127,6 @@ SYSTEMS: dict[str, Callable[[BenchSpec, nn.Module], Prepared]] = {
     "fsdp2-full": lambda spec, model: _fsdp2(spec, model, hsdp=False),
     "fsdp2-hsdp": lambda spec, model: _fsdp2(spec, model, hsdp=True),
     "ddp": _ddp,
+    "single": _single,
     **DEEPSPEED_SYSTEMS,
 }

@@ -7,8 +7,10 @@ Hugging Face causal LM config, and ``logits_of`` hides the difference between th
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -183,9 +185,24 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; computed in fp32 because bf16 logits lose the loss' small changes."""
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, *, fused: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy; computed in fp32 because bf16 logits lose the loss' small changes.
+
+    ``fused=True`` computes the same fp32 loss through ``torch.compile``: each pass over the logits is
+    one kernel that upcasts as it reads, where eager writes an fp32 copy of the ``[tokens, vocab]``
+    logits and keeps fp32 log-probabilities for backward (for the 1.4b preset at micro-batch 4, two
+    1.6 GB tensors and about 12 GB of memory traffic per micro-step that the fused loss does not need).
+    """
+    return (_compiled_cross_entropy() if fused else _cross_entropy)(logits, targets)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+@functools.cache
+def _compiled_cross_entropy() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return torch.compile(_cross_entropy)
 
 
 def logits_of(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
