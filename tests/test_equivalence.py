@@ -37,14 +37,14 @@ BUILDERS = {"toy": ToyModel, "partly-used": PartlyUsedToyModel, "llama": build_l
 
 def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batches: torch.Tensor,
                      replica_reduce_dtype: torch.dtype | None = None, optimizer_over_replicas: bool = False,
-                     param_dtype: torch.dtype | None = None):
+                     param_dtype: torch.dtype | None = None, offload: bool = False):
     """Runs on every rank: shard, train with two-hop accumulation, return losses, weights, traffic."""
     topo = torchmics.init_mesh(partition_size=partition_size, gpus_per_node=gpus_per_node)
     torch.manual_seed(0)
     reduce_dtype = torch.float32 if param_dtype is not None else None  # bf16 compute, fp32 reduction
     precision = torchmics.MixedPrecision(param_dtype, reduce_dtype, replica_reduce_dtype)
     model = torchmics.shard(BUILDERS[builder](), topo, mixed_precision=precision,
-                            shard_optimizer_across_replicas=optimizer_over_replicas)
+                            shard_optimizer_across_replicas=optimizer_over_replicas, offload=offload)
     if optimizer_over_replicas:
         opt = torchmics.ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=1e-2)
     else:
@@ -116,6 +116,13 @@ def test_toy_model_matches_single_process(world, nodes, partition):
     for result in results:  # two-hop: exactly one replica all-reduce per unit per optimizer step
         expected = result["units"] if world // partition > 1 else 0
         assert result["replica_all_reduces"] == [expected] * STEPS
+
+
+def test_cpu_offload_matches_single_process():
+    """FSDP2's CPU offload path (on CPU ranks the host is the device, so this checks the bookkeeping)."""
+    batches = make_batches(STEPS, ACCUM, global_batch=8)
+    results = run_ranks(sharded_training, 4, 2, 4, "toy", batches, None, False, None, True, nodes=2)
+    assert_matches_reference(results[0], "toy", batches)
 
 
 def test_hierarchical_path_carries_the_traffic():

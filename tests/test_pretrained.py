@@ -164,3 +164,55 @@ def test_sharded_index_is_read(tmp_path):
         expected = reference(_batch(reference.config.vocab_size)).logits
     logits = run_ranks(_load_and_run, 2, "llama", str(tmp_path), 2, 2)[0]["logits"]
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def _llama_folder(path) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(11)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def _first_batch(world: int, micro_batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 0's global micro-batch as `train` deals it out: every rank's rows in rank order."""
+    from torchmics.train.data import BatchSampler, load_tokens
+
+    data = load_tokens(None, seq_len)
+    parts = [BatchSampler(data.train, seq_len, micro_batch * world, r, world, seed=0).batch(0, 0) for r in range(world)]
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+def test_train_fine_tunes_from_the_folder(tmp_path):
+    """`torchmics train --model hf:DIR`: the first step's loss is transformers' own loss on that batch."""
+    from test_train_cli import _cli, _metrics, _succeeded
+    from transformers import AutoModelForCausalLM
+
+    folder = _llama_folder(tmp_path / "llama")
+    flags = ["--model", f"hf:{folder}", "--nproc", "2", "--steps", "1", "--accum", "1", "--micro-batch", "2",
+             "--seq-len", "32", "--log-every", "1", "--eval-every", "1"]
+    result = _succeeded(_cli("train", *flags, "--out", str(tmp_path / "run")))
+    assert f"pretrained from {folder}" in result.stdout
+    x, y = _first_batch(2, 2, 32)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(folder)(x).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    assert _metrics(tmp_path / "run")[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    scratch = _succeeded(_cli("train", *flags, "--random-init", "--out", str(tmp_path / "scratch")))
+    assert "random init" in scratch.stdout
+    assert _metrics(tmp_path / "scratch")[0]["loss"] != pytest.approx(expected, rel=1e-3)
+
+
+def test_train_refuses_weights_that_do_not_fit_before_spawning(tmp_path):
+    from test_train_cli import _cli
+
+    folder = _llama_folder(tmp_path / "llama")
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(config | {"intermediate_size": 40}))
+    result = _cli("train", "--model", f"hf:{folder}", "--nproc", "2", "--steps", "1", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "mlp.gate_proj.weight: folder [48, 32] vs model [40, 32]" in result.stderr
+    assert "--random-init" in result.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert len(result.stderr.strip().splitlines()) == 1
