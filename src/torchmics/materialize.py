@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -73,20 +73,27 @@ def init_weights(model: nn.Module, seed: int | None = None) -> None:
                 _check_written(p, path, name, module)
 
 
-def materialize(model: nn.Module, units: list[nn.Module], device: torch.device, seed: int, offload: bool = False) -> None:
-    """Allocate every rank's shards of a sharded ``meta`` model on ``device`` and initialize them.
+def materialize(
+    model: nn.Module, device: torch.device, seed: int, units: Sequence[nn.Module] = (), offload: bool = False
+) -> None:
+    """Allocate the parameters of a ``meta`` model on ``device`` and initialize them (see the module docs).
 
-    ``units`` are the FSDP2 units, the root among them or not. Sharded parameters land where FSDP2
-    keeps them (the CPU with ``offload``); the full-size tensors used to initialize them live on
-    ``device``, one unit at a time. Buffers keep their values (see :func:`meta_init`).
+    For a model sharded with FSDP2 (:func:`torchmics.shard` does this itself), pass its ``units``
+    (the root among them or not): each rank allocates only its shards, where FSDP2 keeps them (the
+    CPU with ``offload``), and the full-size tensors used to initialize them live on ``device``, one
+    unit at a time. A model that is not sharded is allocated whole and initialized in place, as
+    peers that need the whole model (DDP) do. Buffers keep their values (see :func:`meta_init`).
     """
     _refuse_meta_buffers(model)
     buffers = dict(model.named_buffers())
     model.to_empty(device="cpu" if offload else device)
     for name, buffer in buffers.items():  # to_empty replaced the buffers with uninitialized ones
         module_path, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module_path), attr, buffer)
-    for group in _unit_groups(model, units):
+        setattr(model.get_submodule(module_path), attr, buffer.to(device))
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        init_weights(model, seed)
+        return
+    for group in _unit_groups(model, list(units)):
         _initialize_group(model, group, device, seed)
 
 

@@ -142,7 +142,7 @@ def shard(
             unit.set_custom_all_gather(all_gather)
             unit.set_custom_reduce_scatter(reduce_scatter)
     if on_meta:
-        materialize(model, units, current_device(), _agreed_seed(init_seed), offload)
+        materialize(model, current_device(), _agreed_seed(init_seed), units, offload)
     state = ShardState(topology, mixed_precision, units, None, shard_optimizer_across_replicas)
     if torchmics_replicates and shard_optimizer_across_replicas:
         model.register_forward_pre_hook(lambda *_: _require_replica_optimizer(state))

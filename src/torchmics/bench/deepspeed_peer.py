@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from torchmics.materialize import materialize
 from torchmics.sharding import DTYPES
 from torchmics.wrapping import resolve_units
 
@@ -92,8 +93,10 @@ def _largest_unit_numel(model: nn.Module) -> int:
 def _engine(spec: BenchSpec, model: nn.Module, config: dict) -> Prepared:
     import deepspeed  # slow to import; only the benchmark's workers need it
 
-    from torchmics.bench.systems import LEARNING_RATE, Prepared
+    from torchmics.bench.systems import LEARNING_RATE, SEED, Prepared
 
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    materialize(model, device, SEED)  # DeepSpeed partitions a whole model (see the module docstring)
     engine, *_ = deepspeed.initialize(
         model=model,
         # torch's AdamW, as the other systems get (DeepSpeed's FusedAdam needs its compiled ops).
