@@ -84,7 +84,7 @@ def load_pretrained(model: nn.Module, folder: str) -> Pretrained:
     shard_state(model)
     pretrained = read_pretrained(folder)
     targets = model.state_dict(keep_vars=True)
-    _agree(_problems(model, targets, pretrained), f"{folder} does not fit this model", "Nothing was loaded.")
+    _agree(mismatches(model, pretrained), f"{folder} does not fit this model", "Nothing was loaded.")
     failure = None
     try:
         _read_owned_slices(targets, pretrained)
@@ -94,8 +94,12 @@ def load_pretrained(model: nn.Module, folder: str) -> Pretrained:
     return pretrained
 
 
-def _problems(model: nn.Module, targets: dict[str, torch.Tensor], pretrained: Pretrained) -> list[str]:
-    """Every name, shape or dtype of ``pretrained`` that does not fit ``targets``, in words."""
+def mismatches(model: nn.Module, pretrained: Pretrained) -> list[str]:
+    """Every name, shape or dtype of ``pretrained`` that does not fit ``model``, in words.
+
+    Reads only headers and works on a model on ``meta`` too, so a launcher can check before spawning.
+    """
+    targets = model.state_dict(keep_vars=True)
     problems = []
     for name, tensor in targets.items():
         source = _source_name(name, targets, pretrained)
