@@ -9,6 +9,7 @@ the replication all-reduce to the last micro-step (:func:`no_replica_sync`).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -65,6 +66,7 @@ class ShardState:
     optimizer_across_replicas: bool
     optimizer: object | None = None  # the ReplicaShardedOptimizer, once built
     in_no_replica_sync: bool = False
+    offload: bool = False  # sharded parameters and gradients live in host memory
 
 
 def shard_state(model: nn.Module) -> ShardState:
@@ -121,6 +123,7 @@ def shard(
     """
     _check_shardable(model, topology)
     on_meta = _is_on_meta(model)
+    _check_offload(offload, mixed_precision, shard_optimizer_across_replicas)
     use_hierarchy = _resolve_hierarchical(hierarchical, topology)
     mixed_precision = mixed_precision or MixedPrecision()
     torchmics_replicates = topology.num_replicas > 1 and (
@@ -143,7 +146,7 @@ def shard(
             unit.set_custom_reduce_scatter(reduce_scatter)
     if on_meta:
         materialize(model, current_device(), _agreed_seed(init_seed), units, offload)
-    state = ShardState(topology, mixed_precision, units, None, shard_optimizer_across_replicas)
+    state = ShardState(topology, mixed_precision, units, None, shard_optimizer_across_replicas, offload=offload)
     if torchmics_replicates and shard_optimizer_across_replicas:
         model.register_forward_pre_hook(lambda *_: _require_replica_optimizer(state))
     elif torchmics_replicates:
@@ -152,6 +155,18 @@ def shard(
         state.replica = ReplicaAllReduce(units, group, dtype, lambda: state.in_no_replica_sync, model)
     setattr(model, _STATE_ATTR, state)
     return model
+
+
+def _check_offload(offload: bool, mixed_precision: MixedPrecision | None, optimizer_across_replicas: bool) -> None:
+    """torchmics' own replica hop works on the gradients where FSDP2 leaves them: on the CPU under offload."""
+    own_hop = optimizer_across_replicas or (mixed_precision is not None and mixed_precision.replica_reduce_dtype)
+    if offload and own_hop:
+        raise ValueError(
+            "offload=True cannot be combined with shard_optimizer_across_replicas=True or a replica_reduce_dtype: "
+            "torchmics runs those replica hops on the gradient shards, which offloading keeps in host memory. "
+            "Offload alone keeps FSDP2's replica all-reduce (on the GPU) and already moves the optimizer states "
+            "off the GPU."
+        )
 
 
 def _is_on_meta(model: nn.Module) -> bool:
@@ -247,13 +262,38 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     (replicas hold identical shards after the replica all-reduce). Call it after the last backward
     of the step, outside :func:`no_replica_sync`.
     """
-    optimizer = shard_state(model).optimizer
-    if optimizer is not None:  # gradients are only complete in the optimizer's slices
-        return optimizer.clip_grad_norm_(max_norm, norm_type)
+    state = shard_state(model)
+    if state.optimizer is not None:  # gradients are only complete in the optimizer's slices
+        return state.optimizer.clip_grad_norm_(max_norm, norm_type)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+    if state.offload:
+        total = _offloaded_norm(grads, norm_type, state.topology)
+    else:
+        total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
     if isinstance(total, DTensor):
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
     return total
 
+
+
+def _offloaded_norm(grads: list[DTensor], norm_type: float, topology: Topology) -> torch.Tensor:
+    """The total norm of gradient shards kept in host memory, reduced over the partition group on the device.
+
+    DTensor would reduce the CPU tensors with the mesh's backend, which NCCL cannot; so each rank
+    reduces its own shards on the CPU and only one number per rank crosses the partition group.
+    """
+    if not grads:
+        return torch.zeros(())
+    shards = [g.to_local() for g in grads if g.to_local().numel()]
+    infinite = math.isinf(norm_type)
+    if not shards:
+        local = torch.zeros((), dtype=torch.float32)
+    elif infinite:
+        local = torch.stack([t.abs().max().float() for t in shards]).max()
+    else:
+        local = sum(t.float().norm(norm_type) ** norm_type for t in shards)
+    reduced = local.to(current_device())
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM,
+                    group=topology.mesh.get_group("shard"))
+    return (reduced if infinite else reduced ** (1.0 / norm_type)).to(grads[0].to_local().device)

@@ -66,8 +66,13 @@ def local_cluster(job: Job) -> ClusterProfile:
 
 
 def host_memory_gib() -> float:
-    """This machine's physical memory: what the ranks of a node (or of all emulated nodes) share."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    """This machine's memory, or its container's limit if lower: what the ranks of a node share."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()  # cgroup v2; "max" when unlimited
+    except OSError:
+        limit = "max"
+    return min(physical, int(limit) if limit.isdigit() else physical) / GIB
 
 
 def job_cluster(device_name: str, memory_gib: float, gpus_per_node: int, emulated: bool) -> ClusterProfile:
