@@ -117,16 +117,22 @@ def test_flat_partition_inside_a_node_and_its_checkpoints(checkpointed_run):
     assert (out / "latest").read_text() == "step_10"
 
 
-def test_a_worker_crash_stops_every_worker_and_shows_its_traceback(checkpointed_run, tmp_path):
-    """Rank 1 alone fails (its RNG file is missing from a damaged checkpoint) while rank 0 goes on and
-    blocks in the first all-gather: the command must stop both, show rank 1's traceback and exit 1."""
+def test_a_worker_crash_stops_every_worker_and_is_one_line(checkpointed_run, tmp_path):
+    """Rank 1 alone fails (its RNG file is missing from a checkpoint saved before file sizes were
+    recorded, so nothing notices up front) while rank 0 goes on and blocks in the first all-gather:
+    the command must stop both and say what rank 1 raised in one line, its traceback in the run folder."""
     out = tmp_path / "run"
     shutil.copytree(checkpointed_run[0] / "step_5", out / "step_5")
+    metadata = json.loads((out / "step_5" / "torchmics.json").read_text())
+    del metadata["files"]
+    (out / "step_5" / "torchmics.json").write_text(json.dumps(metadata))
     (out / "step_5" / "rng" / "rank1.pt").unlink()
     result = _cli("train", *CHECKPOINTED, "--resume", "auto", "--out", str(out))
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "a worker failed; its traceback" in result.stderr and "Process 1 terminated" in result.stderr
-    assert "FileNotFoundError" in result.stderr and "rank1.pt" in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("torchmics train: error: rank 1 failed: FileNotFoundError: ") and "rank1.pt" in line, line
+    assert line.endswith(f"(full traceback in {out / 'error-rank1.log'})"), line
+    assert "Traceback (most recent call last)" in (out / "error-rank1.log").read_text()
 
 
 def test_export_gives_the_trained_weights(checkpointed_run, tmp_path):
@@ -151,6 +157,22 @@ def test_export_gives_the_trained_weights(checkpointed_run, tmp_path):
     with torch.no_grad():
         losses = [causal_lm_loss(model(x), y) for x, y in (val.global_batch(0, i) for i in range(4))]
     torch.testing.assert_close(torch.stack(losses).mean().item(), _metrics(out)[-1]["val_loss"], rtol=1e-5, atol=1e-5)
+
+
+def test_export_errors_are_one_line(checkpointed_run, tmp_path, capsys):
+    damaged = tmp_path / "step_10"
+    shutil.copytree(checkpointed_run[0] / "step_10", damaged)
+    os.truncate(damaged / "__0_0.distcp", 7)
+    existing = _file(tmp_path / "existing.safetensors", b"keep me")
+    cases = {
+        str(damaged): (str(tmp_path / "new.safetensors"), r"step_10 is damaged: __0_0.distcp is truncated \(7 of \d+ bytes\)"),
+        str(checkpointed_run[0] / "step_10"): (existing, "existing.safetensors already exists and is never overwritten"),
+    }
+    for source, (target, message) in cases.items():
+        assert main(["export", source, "--to", target]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("torchmics export: error: ") and re.search(message, err), err
+    assert Path(existing).read_bytes() == b"keep me" and not (tmp_path / "new.safetensors").exists()
 
 
 # ---- bad input fails before any worker exists ---------------------------------------------------

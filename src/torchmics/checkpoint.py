@@ -117,7 +117,7 @@ def save_checkpoint(
         raise ValueError(f"save_checkpoint(keep={keep}): keep at least 1 checkpoint, or None for all")
     topology = topology_of(model)
     extra = _check_json(extra or {})
-    temp = _on_rank0(lambda: _begin_save(path, extra))
+    temp = on_rank0(lambda: _begin_save(path, extra))
     state = _train_state(model, optimizer)
     writer = _RecordingWriter(temp)
     unchanged = f"The previous checkpoint and `latest` are unchanged; {temp} can be deleted."
@@ -126,7 +126,7 @@ def save_checkpoint(
     # Gathering every rank's records also means every rank's files are on disk before publishing.
     files = _on_every_rank(lambda: _save_rng(temp) or _record_own_files(temp, writer.written))
     metadata = _metadata(step, extra, topology, state[_MODEL_KEY]) | {"files": _merged(files)}
-    _on_rank0(lambda: _publish(temp, path, metadata, keep, protect))
+    on_rank0(lambda: _publish(temp, path, metadata, keep, protect))
 
 
 class _RecordingWriter(FileSystemWriter):
@@ -263,12 +263,19 @@ def complete_checkpoints(run_dir: str) -> list[str]:
     return newest_first
 
 
-def _complete_steps(run_dir: str) -> list[tuple[int, str]]:
+def step_folders(run_dir: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of every ``step_<N>`` folder in ``run_dir``, complete or not; interrupted saves excluded."""
+    if not os.path.isdir(run_dir):
+        return []
     return [
         (int(match.group(1)), os.path.join(run_dir, name))
         for name in os.listdir(run_dir)
-        if (match := _STEP_DIR.fullmatch(name)) and _is_complete(os.path.join(run_dir, name))
+        if (match := _STEP_DIR.fullmatch(name)) and os.path.isdir(os.path.join(run_dir, name))
     ]
+
+
+def _complete_steps(run_dir: str) -> list[tuple[int, str]]:
+    return [(step, path) for step, path in step_folders(run_dir) if _is_complete(path)]
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -280,14 +287,15 @@ def latest_checkpoint(run_dir: str) -> str | None:
     it; that check costs one ``stat`` per file, the checksums are compared when loading.
     """
     for path in complete_checkpoints(run_dir):
-        problems = _damage_or_unreadable(path)
+        problems = size_damage(path)
         if not problems:
             return path
         warnings.warn(f"skipping damaged checkpoint {path}: {'; '.join(problems)}", stacklevel=2)
     return None
 
 
-def _damage_or_unreadable(path: str) -> list[str]:
+def size_damage(path: str) -> list[str]:
+    """One line per recorded file of checkpoint ``path`` that is missing or of another size (one ``stat`` each)."""
     try:
         return find_damage(path, read_metadata(path).get("files", {}), checksums=False)
     except DamagedCheckpointError as err:
@@ -355,7 +363,7 @@ def _umask() -> int:
 # ---- saving --------------------------------------------------------------------------------------
 
 
-def _on_rank0(fn: Callable[[], _T]) -> _T:
+def on_rank0(fn: Callable[[], _T]) -> _T:
     """Run a file-system step once, on rank 0, and hand every rank its result or raise its error everywhere.
 
     Checks and renames must happen once; broadcasting the outcome means a failure on rank 0 raises on
@@ -591,7 +599,7 @@ def read_metadata(path: str) -> dict[str, Any]:
 
 def _check_compatible(path: str, saved: dict[str, list[int]], model: dict[str, list[int]], show: int = 3) -> None:
     """Raise naming the first differing tensors (and both shapes) unless names and global shapes match."""
-    problems = _differences(saved, model)
+    problems = shape_differences(saved, model)
     if problems:
         more = f"; and {len(problems) - show} more" if len(problems) > show else ""
         raise ValueError(
@@ -601,7 +609,7 @@ def _check_compatible(path: str, saved: dict[str, list[int]], model: dict[str, l
         )
 
 
-def _differences(saved: dict[str, list[int]], model: dict[str, list[int]]) -> list[str]:
+def shape_differences(saved: dict[str, list[int]], model: dict[str, list[int]]) -> list[str]:
     """One line per tensor whose name or global shape differs, in the model's order."""
     problems = []
     for name, shape in model.items():

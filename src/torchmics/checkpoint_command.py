@@ -22,6 +22,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help="a .safetensors file, or a directory that gets model.safetensors (and config.json for hf: models)",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error, not one line")
     parser.set_defaults(run=run)
 
 

@@ -10,11 +10,14 @@ a slow inter-node network. On CPU (gloo) emulation only changes the topology tor
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -64,6 +67,29 @@ class LocalLaunch:
                 NCCL_IB_DISABLE="1",
             )
         return env
+
+
+class WorkerFailed(RuntimeError):
+    """A rank raised. Its message is one line, the exception the rank raised; ``traceback`` holds the rest.
+
+    Several ranks' interleaved tracebacks (each failing at once, or one after its peer vanished) bury
+    the cause; the first failure's last line usually is the cause. ``log`` is the file the rank wrote
+    its full traceback to, if it could.
+    """
+
+    def __init__(self, rank: int, traceback: str, log: Path | None):
+        self.rank, self.traceback, self.log = rank, traceback, log
+        where = f"full traceback in {log}" if log is not None else "rerun with --debug for the full traceback"
+        super().__init__(f"rank {rank} failed: {_raised(traceback)} ({where})")
+
+
+def _raised(traceback: str) -> str:
+    """The exception line(s) of a formatted traceback, without the module path of the exception type."""
+    text = traceback.rsplit("Traceback (most recent call last):", 1)[-1]
+    lines = text.strip("\n").splitlines()
+    first = next((i for i, line in enumerate(lines) if line and not line[0].isspace()), len(lines) - 1)
+    raised = " ".join(line.strip() for line in lines[first:])
+    return re.sub(r"^(?:\w+\.)+(?=\w+(?::|$))", "", raised)
 
 
 def under_torchrun() -> bool:
@@ -124,6 +150,8 @@ def spawn(fn: Callable[..., Any], launch: LocalLaunch, *args: Any, timeout_s: fl
     ``timeout_s`` a run that has not finished in time is terminated with ``TimeoutError``.
     """
     port = free_port()
+    # One line per failure: stopping the other workers is what follows any failure, not news.
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     context = mp.start_processes(_worker, args=(launch, port, fn, args), nprocs=launch.nprocs, join=False, start_method="spawn")
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not context.join(timeout=1.0):
