@@ -228,7 +228,14 @@ def test_bad_resume_and_out_fail_before_spawning_in_one_line(reference, tmp_path
     out = tmp_path / "run"
     shutil.copytree(reference[0], out)
     os.truncate(out / "step_9" / "rng" / "rank1.pt", 3)
+    all_damaged = tmp_path / "all-damaged"
+    shutil.copytree(reference[0], all_damaged)
+    for step in (6, 9, 12):
+        (all_damaged / f"step_{step}" / "__0_0.distcp").unlink()
     cases = {
+        "every checkpoint damaged": (["--resume", "auto", "--out", str(all_damaged)],
+                                     r"every checkpoint in --out .* is damaged \(step_12: __0_0.distcp is missing; "
+                                     r"step_9: __0_0.distcp is missing; step_6: __0_0.distcp is missing\)"),
         "another model": (["--model", "small", "--resume", "auto"],
                           f"the checkpoint to resume from, {out / 'step_12'}, does not fit --model small .*pass --model tiny"),
         "truncated": (["--resume", str(out / "step_9")], r"step_9 is damaged: rng/rank1.pt is truncated \(3 of"),

@@ -95,7 +95,14 @@ def _resume_candidate(cfg: TrainConfig) -> str | None:
             )
         return None
     if cfg.resume == "auto":
-        return next((path for path in checkpoint.complete_checkpoints(cfg.out) if not checkpoint.size_damage(path)), None)
+        candidates = checkpoint.complete_checkpoints(cfg.out)
+        damage = {path: checkpoint.size_damage(path) for path in candidates}
+        usable = [path for path in candidates if not damage[path]]
+        if candidates and not usable:
+            named = "; ".join(f"{os.path.basename(path)}: {', '.join(problems)}" for path, problems in damage.items())
+            raise ValueError(f"--resume auto: every checkpoint in --out {cfg.out} is damaged ({named}); "
+                             "restore one from a copy, or choose another --out for a fresh run")
+        return usable[0] if usable else None
     if not (Path(cfg.resume) / checkpoint.METADATA_FILE).is_file():
         raise ValueError(
             f"--resume {cfg.resume} is not a complete checkpoint (no {checkpoint.METADATA_FILE} in it); "

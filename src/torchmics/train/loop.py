@@ -150,6 +150,9 @@ def _resume_path(cfg: TrainConfig) -> str | None:
     chosen = next((path for path in candidates if explicit or _verifies(path)), None)
     if explicit:
         checkpoint.verify_checkpoint(chosen)
+    elif candidates and chosen is None:
+        raise ValueError(f"--resume auto: no checkpoint in --out {cfg.out} verifies (see the warnings above); "
+                         "restore one from a copy, or choose another --out for a fresh run")
     step = 0 if chosen is None else int(checkpoint.read_metadata(chosen)["step"])
     checkpoint.on_rank0(lambda: set_aside_newer(cfg.out, step))
     return chosen
