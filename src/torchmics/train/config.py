@@ -78,6 +78,9 @@ class TrainConfig:
             raise ValueError(f"--mixed-precision must be fp32 or bf16, got {self.mixed_precision!r}")
         if self.replica_reduce_dtype not in (None, *CHOICES["replica_reduce_dtype"]):
             raise ValueError(f"--replica-reduce-dtype must be fp32 or bf16, got {self.replica_reduce_dtype!r}")
+        if self.cpu_offload and (self.optimizer_over_replicas or self.replica_reduce_dtype):
+            raise ValueError("--cpu-offload cannot be combined with --optimizer-over-replicas or --replica-reduce-dtype: "
+                             "their replica hop runs on gradient shards, which offloading keeps in host memory")
         if self.partition_size != "auto" and not str(self.partition_size).isdigit():
             raise ValueError(f"--partition-size must be a positive integer or 'auto', got {self.partition_size!r}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -138,7 +141,7 @@ HELP: dict[str, str] = {
     "(default: the partition group's reduce dtype)",
     "optimizer_over_replicas": "also shard optimizer states across replicas (1/world of AdamW's state per rank)",
     "activation_checkpointing": "recompute each block's activations in backward, to save memory",
-    "compile": "torch.compile each sharded unit",
+    "compile": "torch.compile each sharded unit, and the loss (a fused fp32 cross-entropy)",
     "cpu_offload": "keep sharded parameters, gradients and optimizer states in host memory",
     "random_init": "start from random weights even when --model hf:<folder> holds pretrained ones",
     "seed": "seed of initialization and data order",

@@ -81,7 +81,8 @@ class StepMeter:
             return []
         losses = torch.stack([s.loss for s in steps]).float()
         dist.all_reduce(losses)  # one collective per interval, not per step
-        values = torch.stack([losses / dist.get_world_size(), torch.stack([s.grad_norm for s in steps]).float()])
+        norms = torch.stack([s.grad_norm for s in steps]).float().to(losses.device)  # on the host with --cpu-offload
+        values = torch.stack([losses / dist.get_world_size(), norms])
         _synchronize(self.device)  # every queued step is done: the clock may stop
         now = time.perf_counter()
         step_time = (now - self._began) / len(steps)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 14 in one call on one H200: is `torchmics train`'s speed the real one, and does compile pay?
+# The 1.4b preset, seq 2048, micro-batch 4, bf16 parameters with fp32 reduction, accumulation 1, gradient
+# clipping at 1.0 (what `train` does), eager and compiled:
+#   1. `torchmics bench`, systems torchmics and single (the plain unsharded loop), one profiled step each;
+#   2. `torchmics train` on the same settings (its printed speed must be within 3% of bench's torchmics);
+#   3. a compile diagnostic: block-level timings, graph breaks, recompiles (benchmarks/compile_diagnosis.py).
+# Everything lands in $OUT: results in $OUT/h200-train-1x1 (copy to benchmarks/results/), logs next to it.
+# About 8 minutes. Usage: bash benchmarks/gpu_1x_train.sh
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
+OUT=${OUT:-/tmp/out}; RES="$OUT/h200-train-1x1"; mkdir -p "$RES"
+quiet() { grep -v -e Warning -e "return func"; }
+SHAPE=${SHAPE:-"--model 1.4b --seq-len 2048 --micro-batch 4 --accum 1"}  # override only to smoke-test the script
+BENCH="$SHAPE --nproc 1 --systems torchmics,single --param-dtype bf16 --reduce-dtype fp32 --grad-clip 1.0 --steps 10 --warmup 3 --profile"
+TRAIN="$SHAPE --nproc 1 --partition-size 1 --mixed-precision bf16 --steps 40 --log-every 10 --eval-every 40 --eval-batches 2"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$RES/device.txt"
+
+timeout 150 python3 -m torchmics.cli bench $BENCH --out "$RES" 2>&1 | quiet | tee -a "$OUT/bench.log"
+TORCH_LOGS=graph_breaks,recompiles timeout 200 python3 -m torchmics.cli bench $BENCH --compile --out "$RES" 2>&1 \
+  | quiet | tee -a "$OUT/bench.log"
+for mode in eager compiled; do
+  flag=$([ $mode = compiled ] && echo --compile)
+  TORCH_LOGS=graph_breaks,recompiles timeout 150 python3 -m torchmics.cli train $TRAIN $flag --out "$RES/train-$mode" \
+    2>&1 | quiet | tee "$OUT/train-$mode.log" | grep -e "^step" -e "done in" -e "stopped" -e "error" -e "schedule"
+done
+python3 benchmarks/train_vs_bench.py "$RES" | tee "$RES/summary.md"
+TORCH_LOGS=graph_breaks,recompiles timeout 150 python3 benchmarks/compile_diagnosis.py ${DIAGNOSIS_SHAPE:-4} 2>&1 | quiet \
+  | tee "$RES/compile-diagnosis.txt"
+du -sh "$RES"/* | tee "$OUT/sizes.txt"
