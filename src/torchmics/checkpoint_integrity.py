@@ -27,6 +27,9 @@ class DamagedCheckpointError(ValueError):
         self.path, self.problems = path, problems
         super().__init__(f"checkpoint {path} is damaged: {'; '.join(problems)}")
 
+    def __reduce__(self):  # noqa: ANN204 (pickled between ranks)
+        return type(self), (self.path, self.problems)
+
 
 def record_files(root: str, names: Iterable[str]) -> FileRecords:
     """Size and CRC-32 of each file ``root/name``, keyed by ``name`` (a path relative to ``root``)."""
