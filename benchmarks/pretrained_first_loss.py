@@ -1,7 +1,7 @@
 """A fine-tune through `torchmics train` starts where the folder's model is: its first loss is transformers' own.
 
 Writes a Hugging Face Llama folder (save_pretrained, bf16 safetensors; random weights, as nothing can
-be downloaded here), runs `torchmics train --model hf:DIR` for a few steps, and compares the first
+be downloaded here, drawn wide enough, std 0.1, that the loss depends on the batch and the weights), runs `torchmics train --model hf:DIR` for a few steps, and compares the first
 step's loss with transformers' loss of ``from_pretrained(DIR)`` on the same batch, in fp32.
 
     python benchmarks/pretrained_first_loss.py --out runs/pretrained --hidden 2048 --layers 16
@@ -23,22 +23,26 @@ def write_folder(folder: Path, hidden: int, layers: int, vocab: int) -> None:
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
                          num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=hidden // 512,
-                         max_position_embeddings=4096, torch_dtype="bfloat16")
+                         max_position_embeddings=4096, initializer_range=0.1, dtype="bfloat16")
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="1GB")
 
 
-def transformers_loss(folder: Path, seq_len: int, micro_batch: int, device: str) -> float:
-    """transformers' loss on step 0's batch of a one-rank run (train/data.py deals it out)."""
+def transformers_losses(folder: Path, seq_len: int, micro_batch: int, device: str) -> list[float]:
+    """transformers' loss on the batches of steps 0 and 1 of a one-rank run (train/data.py deals them out)."""
     from transformers import AutoModelForCausalLM
 
     from torchmics.train.data import BatchSampler, load_tokens
 
-    x, y = BatchSampler(load_tokens(None, seq_len).train, seq_len, micro_batch, 0, 1, seed=0).batch(0, 0)
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).to(device)
-    with torch.no_grad():
-        logits = model(x.to(device)).logits
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten()).item()
+    sampler = BatchSampler(load_tokens(None, seq_len).train, seq_len, micro_batch, 0, 1, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    losses = []
+    for step in (0, 1):
+        x, y = (t.to(device) for t in sampler.batch(step, 0))
+        with torch.no_grad():
+            logits = model(x).logits
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).item())
+    return losses
 
 
 def main() -> None:
@@ -59,8 +63,10 @@ def main() -> None:
     subprocess.run(command, check=True)
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    expected = transformers_loss(folder, args.seq_len, args.micro_batch, device)
-    result = {"torchmics_first_loss": first, "transformers_loss": expected, "relative_difference": abs(first - expected) / expected}
+    expected, other_batch = transformers_losses(folder, args.seq_len, args.micro_batch, device)
+    result = {"torchmics_first_loss": first, "transformers_loss": expected,
+              "relative_difference": abs(first - expected) / expected,
+              "transformers_loss_on_the_next_batch": other_batch}  # shows how much the batch moves the loss
     print(json.dumps(result))
     (args.out / "first_loss.json").write_text(json.dumps(result, indent=2) + "\n")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import torchmics
 from torchmics import hardware
 from torchmics.bench.profile import profile_step
 from torchmics.bench.systems import LEARNING_RATE, SYSTEMS, BenchSpec
@@ -60,7 +61,8 @@ def _measure(cfg: BenchConfig, system: str, partition_size: int, out_file: str) 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     torch.manual_seed(0)
-    model, info = build_model(cfg.model, cfg.seq_len)
+    with torchmics.meta_init():  # every system materializes it: shards where it shards, whole where it does not
+        model, info = build_model(cfg.model, cfg.seq_len)
     if cfg.compile:
         compile_units(model)
     prepared = SYSTEMS[system](spec, model)

@@ -20,10 +20,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import torchmics
 from torchmics.bench.deepspeed_peer import DEEPSPEED_SYSTEMS
+from torchmics.materialize import materialize
 from torchmics.wrapping import resolve_units
 
 
 LEARNING_RATE = 1e-4
+SEED = 0  # every system starts from the same weights (torchmics.materialize: the same seed, the same model)
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def _torchmics(spec: BenchSpec, model: nn.Module, hierarchical, two_hop: bool, o
     topo = torchmics.init_mesh(partition_size=spec.partition_size, gpus_per_node=spec.gpus_per_node)
     mp = torchmics.MixedPrecision(spec.param_dtype, spec.reduce_dtype, spec.replica_reduce_dtype)
     model = torchmics.shard(model, topo, mixed_precision=mp, hierarchical=hierarchical,
-                            shard_optimizer_across_replicas=optimizer_over_replicas)
+                            shard_optimizer_across_replicas=optimizer_over_replicas, init_seed=SEED)
     optimizer = None
     if optimizer_over_replicas:
         fused = torch.cuda.is_available()
@@ -78,9 +80,11 @@ def _fsdp2(spec: BenchSpec, model: nn.Module, hsdp: bool) -> Prepared:
     shape, names = ((world // spec.partition_size, spec.partition_size), ("replicate", "shard")) if hsdp else ((world,), ("shard",))
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", shape, mesh_dim_names=names)
     policy = MixedPrecisionPolicy(param_dtype=spec.param_dtype, reduce_dtype=spec.reduce_dtype)
-    for unit in resolve_units(model, None):
+    units = resolve_units(model, None)
+    for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    materialize(model, _device(), SEED, [*units, model])  # FSDP2's own meta-device recipe, torchmics' init
 
     def sync(is_last: bool) -> AbstractContextManager:
         model.set_requires_all_reduce(is_last or not hsdp)
@@ -94,7 +98,8 @@ def _ddp(spec: BenchSpec, model: nn.Module) -> Prepared:
     from torch.nn.parallel import DistributedDataParallel
 
     device = _device()
-    ddp = DistributedDataParallel(model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
+    materialize(model, device, SEED)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if spec.reduce_dtype == torch.bfloat16:
         ddp.register_comm_hook(dist.group.WORLD, _bf16_all_reduce)
     return Prepared(ddp, _always_sync, autocast=spec.param_dtype != torch.float32)
@@ -108,7 +113,8 @@ def _single(spec: BenchSpec, model: nn.Module) -> Prepared:
     """
     if dist.get_world_size() != 1:
         raise ValueError(f"the single system runs on one GPU, not {dist.get_world_size()}; bench it with --nproc 1")
-    return Prepared(model.to(_device()), _always_sync, autocast=spec.param_dtype != torch.float32)
+    materialize(model, _device(), SEED)
+    return Prepared(model, _always_sync, autocast=spec.param_dtype != torch.float32)
 
 
 def _bf16_all_reduce(group, bucket):  # unannotated: DDP checks the hook's annotations at run time
