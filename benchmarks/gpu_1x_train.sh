@@ -6,7 +6,7 @@
 #   2. `torchmics train` on the same settings (its printed speed must be within 3% of bench's torchmics);
 #   3. a compile diagnostic: block-level timings, graph breaks, recompiles (benchmarks/compile_diagnosis.py).
 # Everything lands in $OUT: results in $OUT/h200-train-1x1 (copy to benchmarks/results/), logs next to it.
-# About 8 minutes. Usage: bash benchmarks/gpu_1x_train.sh
+# About 7 minutes; the parts' time limits add up to 580 s, under one 600 s device call. Usage: bash benchmarks/gpu_1x_train.sh
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
@@ -17,15 +17,15 @@ BENCH="$SHAPE --nproc 1 --systems torchmics,single --param-dtype bf16 --reduce-d
 TRAIN="$SHAPE --nproc 1 --partition-size 1 --mixed-precision bf16 --steps 40 --log-every 10 --eval-every 40 --eval-batches 2"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$RES/device.txt"
 
-timeout 150 python3 -m torchmics.cli bench $BENCH --out "$RES" 2>&1 | quiet | tee -a "$OUT/bench.log"
-TORCH_LOGS=graph_breaks,recompiles timeout 200 python3 -m torchmics.cli bench $BENCH --compile --out "$RES" 2>&1 \
+timeout 100 python3 -m torchmics.cli bench $BENCH --out "$RES" 2>&1 | quiet | tee -a "$OUT/bench.log"
+TORCH_LOGS=graph_breaks,recompiles timeout 170 python3 -m torchmics.cli bench $BENCH --compile --out "$RES" 2>&1 \
   | quiet | tee -a "$OUT/bench.log"
 for mode in eager compiled; do
-  flag=$([ $mode = compiled ] && echo --compile)
-  TORCH_LOGS=graph_breaks,recompiles timeout 150 python3 -m torchmics.cli train $TRAIN $flag --out "$RES/train-$mode" \
+  flag=$([ $mode = compiled ] && echo --compile); limit=$([ $mode = compiled ] && echo 130 || echo 80)
+  TORCH_LOGS=graph_breaks,recompiles timeout $limit python3 -m torchmics.cli train $TRAIN $flag --out "$RES/train-$mode" \
     2>&1 | quiet | tee "$OUT/train-$mode.log" | grep -e "^step" -e "done in" -e "stopped" -e "error" -e "schedule"
 done
 python3 benchmarks/train_vs_bench.py "$RES" | tee "$RES/summary.md"
-TORCH_LOGS=graph_breaks,recompiles timeout 150 python3 benchmarks/compile_diagnosis.py ${DIAGNOSIS_SHAPE:-4} 2>&1 | quiet \
+TORCH_LOGS=graph_breaks,recompiles timeout 100 python3 benchmarks/compile_diagnosis.py ${DIAGNOSIS_SHAPE:-4} 2>&1 | quiet \
   | tee "$RES/compile-diagnosis.txt"
 du -sh "$RES"/* | tee "$OUT/sizes.txt"
