@@ -79,7 +79,7 @@ def test_every_format_round_trips_document_by_document(bpe, tmp_path, capsys):
     assert header["tokenizer"] == str(tokenizer_path.resolve())
     assert re.fullmatch("[0-9a-f]{64}", header["tokenizer_sha256"])  # what it identifies: tests/test_data.py
     printed = capsys.readouterr().out
-    assert f"{header['num_tokens']:,} uint16 tokens of {len(expected)} documents (2 empty ones skipped)" in printed
+    assert f"{header['num_tokens']:,} uint16 tokens of {len(expected)} documents (2 empty skipped)" in printed
 
 
 def test_output_is_independent_of_workers_and_chunking(bpe, tmp_path, monkeypatch):
@@ -191,9 +191,15 @@ def _bad_inputs(d: Path, tokenizer: Path) -> dict[str, tuple[list[str], str]]:
     pq.write_table(pa.table({"text": [1, 2]}), d / "ints.parquet")
     (d / "blank.jsonl").write_text('{"text": null}\n\n{"text": ""}\n')
     no_eos = save(large_word_level(10, last_token="<pad>"), d / "noeos.json")
+    (d / "no-tokenizer").mkdir()
+    (d / "no-tokenizer" / "tokenizer_config.json").write_text("{}")
     base = ["--tokenizer", str(tokenizer), "--out", str(d / "o.bin")]
     return {
         "missing input": ([str(d / "nope.txt"), *base], r"input .*nope.txt does not exist"),
+        "folder without a tokenizer": (
+            [str(text), "--tokenizer", str(d / "no-tokenizer"), "--out", "o"],
+            r"no-tokenizer holds no tokenizer.json and transformers cannot load a tokenizer from it",
+        ),
         "missing tokenizer": (
             [str(text), "--tokenizer", str(d / "t.json"), "--out", "o"],
             r"tokenizer .*t.json does not exist",

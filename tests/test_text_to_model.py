@@ -68,6 +68,8 @@ def test_tensorboard_holds_what_metrics_jsonl_holds(trained):
 def test_wandb_offline_run_holds_what_metrics_jsonl_holds(trained):
     (run_file,) = (trained / "wandb").glob("offline-run-*/run-*.wandb")
     history = wandb_history(run_file)
-    assert history == {r["step"]: {k: v for k, v in r.items() if k != "step" and v is not None} for r in _metrics(trained)}
+    assert history == {
+        r["step"]: {k: v for k, v in r.items() if k != "step" and v is not None} for r in _metrics(trained)
+    }
     config = wandb_config(run_file)
     assert config["steps"] == STEPS and config["world_size"] == 2 and config["model_info"]["vocab_size"] == 512

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 import pytest
@@ -81,10 +82,12 @@ def test_wandb_offline_run_holds_every_record_and_continues_when_resumed(tmp_pat
     assert {"model": "tiny", "model_info": {"n_layer": 2}}.items() <= wandb_config(run_file).items()
     run_id = (tmp_path / "run" / "wandb_run_id").read_text()
     assert run_file.name == f"run-{run_id}.wandb"
+    time.sleep(1.1)  # offline run folders are named by the second they start in
     resumed = Trackers(cfg, {}, start=3)
-    resumed.log(_records(range(4, 5)))
+    resumed.log(_records(range(4, 6)))
     resumed.finish({})
-    assert len(list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))) == 2
+    first, second = sorted((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert first == run_file and sorted(wandb_history(second)) == [4, 5]  # `wandb sync` joins them into one run
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
     size = HEADER_BYTES + header.num_tokens * header.numpy_dtype.itemsize
     print(
         f"wrote {done.path} ({size / 2**20:.1f} MiB): {header.num_tokens:,} {header.dtype} tokens of "
-        f"{header.num_documents:,} documents ({done.empty_documents:,} empty ones skipped), each followed by "
+        f"{header.num_documents:,} documents ({done.empty_documents:,} empty skipped), each followed by "
         f"{header.separator!r} (id {header.separator_id})\n"
         f"from {done.input_bytes / 2**20:.1f} MiB of input in {done.seconds:.1f} s "
         f"({header.num_tokens / done.seconds:,.0f} tokens/s); tokenizer {header.tokenizer} "

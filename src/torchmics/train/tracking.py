@@ -112,4 +112,3 @@ def _wandb(out: Path, project: str, config: dict):
     )
     id_file.write_text(run.id)
     return run
-
