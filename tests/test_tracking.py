@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import wandb
-from logged_scalars import tensorboard_scalars, tensorboard_text, wandb_config, wandb_history
+from logged_scalars import tensorboard_scalars, tensorboard_text, wandb_config, wandb_history, wandb_records
 
 from torchmics.cli import main
 from torchmics.train import command, tracking
@@ -32,6 +32,7 @@ def _records(steps: range, offset: float = 0.0) -> list[dict]:
 def wandb_offline(monkeypatch, tmp_path):
     """W&B without network and without touching the home folder; its process-wide state reset after."""
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     wandb.teardown()
@@ -80,6 +81,8 @@ def test_wandb_offline_run_holds_every_record_and_continues_when_resumed(tmp_pat
     expected = {r["step"]: {k: v for k, v in r.items() if k not in ("step", "mfu") and np.isfinite(v)} for r in records}
     assert wandb_history(run_file) == expected
     assert {"model": "tiny", "model_info": {"n_layer": 2}}.items() <= wandb_config(run_file).items()
+    (run,) = [r.run for r in wandb_records(run_file) if r.WhichOneof("record_type") == "run"]
+    assert (run.project, run.display_name) == ("torchmics", "run")  # the default project; the run folder's name
     run_id = (tmp_path / "run" / "wandb_run_id").read_text()
     assert run_file.name == f"run-{run_id}.wandb"
     time.sleep(1.1)  # offline run folders are named by the second they start in

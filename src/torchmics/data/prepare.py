@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
@@ -22,7 +23,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from torchmics.data.sources import Chunk, expand_inputs, read_chunks, texts_of
 from torchmics.data.tokenfile import TokenFileHeader, TokenFileWriter, dtype_for_vocab
-from torchmics.data.tokenizer import LocalTokenizer, load_tokenizer
+from torchmics.data.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 CHUNKS_IN_FLIGHT_PER_WORKER = 4
 
@@ -70,7 +74,8 @@ def prepare_data(
     documents = empty = 0
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with (
-        context.Pool(workers, initializer=_start_worker, initargs=(local, separator_id, dtype)) as pool,
+        # Built here, not in the initializer: Pool restarts a worker whose initializer fails, forever.
+        context.Pool(workers, initializer=_start_worker, initargs=(local.build(), separator_id, dtype)) as pool,
         TokenFileWriter(target, dtype) as writer,
         _progress(console) as progress,
     ):
@@ -140,10 +145,10 @@ def _ordered_map(pool, fn: Callable, chunks: Iterator[Chunk], window: int) -> It
 _worker: dict = {}
 
 
-def _start_worker(local: LocalTokenizer, separator_id: int, dtype: np.dtype) -> None:
-    """Each worker builds its tokenizer once; its own thread pool stays off (the processes are the parallelism)."""
+def _start_worker(tokenizer: Tokenizer, separator_id: int, dtype: np.dtype) -> None:
+    """Each worker keeps its tokenizer; its own thread pool stays off (the processes are the parallelism)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker.update(tokenizer=local.build(), separator=np.array([separator_id], dtype=dtype), dtype=dtype)
+    _worker.update(tokenizer=tokenizer, separator=np.array([separator_id], dtype=dtype), dtype=dtype)
 
 
 def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, int, int]:

@@ -168,6 +168,6 @@ class TokenFileWriter:
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
-        if not self.file.closed:  # not committed: an exception is on its way out
-            self.file.close()
-            self.partial.unlink(missing_ok=True)
+        """Without a completed `commit` (an exception is on its way out), the partial file goes."""
+        self.file.close()
+        self.partial.unlink(missing_ok=True)  # after a commit it has been renamed: nothing to remove

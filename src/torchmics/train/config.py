@@ -52,7 +52,7 @@ class TrainConfig:
     keep_checkpoints: int | None = None  # None: keep every checkpoint; N: the newest N (and the resumed one)
     tensorboard: bool = False  # TensorBoard event files in <out>/tensorboard
     wandb: bool = False  # a Weights & Biases run (WANDB_MODE=offline: files in <out>/wandb, no network)
-    wandb_project: str = "torchmics"
+    wandb_project: str | None = None  # None: $WANDB_PROJECT, else torchmics
     resume: str | None = None  # None, "auto" (latest in --out) or a checkpoint path
     out: str = field(default_factory=lambda: f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -159,7 +159,7 @@ HELP: dict[str, str] = {
     "(needs torchmics[tracking])",
     "wandb": "log every metric and the config to a Weights & Biases run (needs torchmics[tracking]; "
     "with WANDB_MODE=offline it is written to <out>/wandb without network, for `wandb sync` later)",
-    "wandb_project": "the W&B project of --wandb runs",
+    "wandb_project": "the W&B project of --wandb runs (default: $WANDB_PROJECT, else torchmics)",
     "out": "the run folder: metrics, plot, checkpoints; one job at a time, never another run's results",
 }
 CHOICES: dict[str, tuple[str, ...]] = {"mixed_precision": ("fp32", "bf16"), "replica_reduce_dtype": ("fp32", "bf16")}

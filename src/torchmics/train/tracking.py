@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 from torchmics.train.config import TrainConfig
@@ -50,7 +51,8 @@ class Trackers:
     def __init__(self, cfg: TrainConfig, config: dict, start: int) -> None:
         out = Path(cfg.out)
         self.tensorboard = _tensorboard(out, config, start) if cfg.tensorboard else None
-        self.wandb = _wandb(out, cfg.wandb_project, config) if cfg.wandb else None
+        project = cfg.wandb_project or os.environ.get("WANDB_PROJECT", "torchmics")
+        self.wandb = _wandb(out, project, config) if cfg.wandb else None
 
     def log(self, records: list[dict]) -> None:
         for record in records:
