@@ -170,9 +170,10 @@ def _llama_folder(path) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         initializer_range=0.2, dtype="bfloat16")  # as checkpoints ship; wide, so the batch matters
     torch.manual_seed(11)
-    LlamaForCausalLM(config).save_pretrained(path)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     return str(path)
 
 
@@ -186,7 +187,11 @@ def _first_batch(world: int, micro_batch: int, seq_len: int) -> tuple[torch.Tens
 
 
 def test_train_fine_tunes_from_the_folder(tmp_path):
-    """`torchmics train --model hf:DIR`: the first step's loss is transformers' own loss on that batch."""
+    """`torchmics train --model hf:DIR`: the first step's loss is transformers' own loss on that batch.
+
+    The folder is saved in bf16, as published checkpoints are: train keeps fp32 master weights (the
+    default --mixed-precision fp32), so the reference is transformers' model loaded in fp32.
+    """
     from test_train_cli import _cli, _metrics, _succeeded
     from transformers import AutoModelForCausalLM
 
@@ -197,7 +202,7 @@ def test_train_fine_tunes_from_the_folder(tmp_path):
     assert f"pretrained from {folder}" in result.stdout
     x, y = _first_batch(2, 2, 32)
     with torch.no_grad():
-        logits = AutoModelForCausalLM.from_pretrained(folder)(x).logits
+        logits = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(x).logits
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
     assert _metrics(tmp_path / "run")[0]["loss"] == pytest.approx(expected, rel=1e-5)
     scratch = _succeeded(_cli("train", *flags, "--random-init", "--out", str(tmp_path / "scratch")))

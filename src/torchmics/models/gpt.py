@@ -257,7 +257,8 @@ def _build_hf(spec: str, seq_len: int | None) -> tuple[nn.Module, ModelInfo]:
     except ImportError as e:
         raise ImportError(f"{spec} needs Hugging Face transformers: pip install 'torchmics[hf]'") from e
     config = transformers.AutoConfig.from_pretrained(path)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    # fp32 master weights whatever dtype the folder was saved in: --mixed-precision decides the compute dtype.
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     n_layer = _config_field(spec, config, "num_hidden_layers", "n_layer")
     d_model = _config_field(spec, config, "hidden_size", "n_embd")
     max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
