@@ -26,7 +26,7 @@ from torchmics.train.launcher import restart_hazard
 STEPS, EVERY = 15, 5
 FLAGS = [
     "--model", "tiny", "--seq-len", "64", "--micro-batch", "2", "--accum", "2", "--steps", str(STEPS),
-    "--eval-every", "5", "--checkpoint-every", str(EVERY), "--resume", "auto",
+    "--eval-every", "5", "--log-every", "1", "--checkpoint-every", str(EVERY), "--resume", "auto",
 ]  # fmt: skip
 RUN_TIMEOUT_S = 150
 _T = TypeVar("_T")
