@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torchmics
 from torchmics.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, verify_checkpoint
 from torchmics.models import build_model
-from torchmics.train.launcher import LocalLaunch, spawn
+from torchmics.launch import LocalLaunch, spawn
 
 
 def _timed(fn) -> float:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from torchmics.train.launcher import LocalLaunch, spawn
+from torchmics.launch import LocalLaunch, spawn
 
 
 def _save_result(out_dir: str, fn: Callable[..., Any], args: tuple) -> None:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from dist_utils import run_ranks
 from toy import reference_training
 from torchmics.bench.deepspeed_peer import DEEPSPEED_SYSTEMS, DEEPSPEED_UNAVAILABLE, ds_config
-from torchmics.bench.systems import LEARNING_RATE, BenchSpec
+from torchmics.bench.spec import LEARNING_RATE, BenchSpec
 from torchmics.models import GPT, GPTConfig, causal_lm_loss, logits_of
 
 # Matrices above DeepSpeed's 1e5-element persistence threshold, so they really are partitioned.

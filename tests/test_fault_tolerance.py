@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import pytest
 
-from torchmics.train.launcher import restart_hazard
+from torchmics.launch import restart_hazard
 
 STEPS, EVERY = 15, 5
 FLAGS = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-import warnings
 
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
@@ -14,7 +13,7 @@ from torchmics.bench import command as bench_command
 from torchmics.data import command as data_command
 from torchmics.plan import command as plan_command
 from torchmics.train import command as train_command
-from torchmics.train.launcher import WorkerFailed
+from torchmics.launch import WorkerFailed, show_warnings_as_lines
 
 # Errors that mean "fix the input": exit status 2, and the message alone says what is wrong.
 INPUT_ERRORS = (ValueError, ImportError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
@@ -62,12 +61,6 @@ def _one_line(err: Exception) -> str:
         return f"{err}; the other workers were stopped"
     message = " ".join(str(err).split())
     return message if isinstance(err, INPUT_ERRORS + (WorkerFailed,)) else f"{type(err).__name__}: {message}"
-
-
-def show_warnings_as_lines(prog: str, debug: bool = False) -> None:
-    """Warnings as ``<prog>: warning: <message>``, one line each (``debug``: Python's usual form, with the source)."""
-    if not debug:
-        warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {' '.join(str(message).split())}\n"
 
 
 if __name__ == "__main__":

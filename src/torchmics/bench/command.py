@@ -17,7 +17,7 @@ from torchmics.bench.report import markdown_table, write_outputs
 from torchmics.bench.runner import BenchConfig, run_system
 from torchmics.bench.systems import SINGLE_DEVICE_SYSTEMS, SYSTEMS
 from torchmics.topology import validate
-from torchmics.train.launcher import LocalLaunch, spawn
+from torchmics.launch import LocalLaunch, spawn
 
 ON_GPU = torch.cuda.is_available()
 

@@ -28,17 +28,14 @@ import importlib.metadata
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
+from torchmics.bench.spec import LEARNING_RATE, SEED, BenchSpec, Prepared
 from torchmics.materialize import materialize
 from torchmics.sharding import DTYPES
 from torchmics.wrapping import resolve_units
-
-if TYPE_CHECKING:  # systems.py registers these peers, so it is imported lazily (no import cycle)
-    from torchmics.bench.systems import BenchSpec, Prepared
 
 
 def _unavailable() -> str | None:
@@ -92,8 +89,6 @@ def _largest_unit_numel(model: nn.Module) -> int:
 
 def _engine(spec: BenchSpec, model: nn.Module, config: dict) -> Prepared:
     import deepspeed  # slow to import; only the benchmark's workers need it
-
-    from torchmics.bench.systems import LEARNING_RATE, SEED, Prepared
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     materialize(model, device, SEED)  # DeepSpeed partitions a whole model (see the module docstring)

@@ -22,12 +22,13 @@ import torch.distributed as dist
 import torchmics
 from torchmics import hardware
 from torchmics.bench.profile import profile_step
-from torchmics.bench.systems import LEARNING_RATE, SYSTEMS, BenchSpec
+from torchmics.bench.spec import LEARNING_RATE, BenchSpec
+from torchmics.bench.systems import SYSTEMS
 from torchmics.models import build_model, causal_lm_loss, logits_of
 from torchmics.sharding import DTYPES
 from torchmics.topology import ensure_process_group
 from torchmics.wrapping import compile_units
-from torchmics.train.launcher import LocalLaunch, spawn
+from torchmics.launch import LocalLaunch, spawn
 
 
 @dataclass(frozen=True)

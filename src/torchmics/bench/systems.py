@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -20,34 +19,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import torchmics
 from torchmics.bench.deepspeed_peer import DEEPSPEED_SYSTEMS
+from torchmics.bench.spec import LEARNING_RATE, SEED, BenchSpec, Prepared
 from torchmics.materialize import materialize
 from torchmics.wrapping import resolve_units
-
-
-LEARNING_RATE = 1e-4
-SEED = 0  # every system starts from the same weights (torchmics.materialize: the same seed, the same model)
-
-
-@dataclass(frozen=True)
-class BenchSpec:
-    """One system on one topology; what a results.jsonl line records besides the measurements."""
-
-    system: str
-    partition_size: int
-    gpus_per_node: int
-    reduce_dtype: torch.dtype
-    param_dtype: torch.dtype
-    replica_reduce_dtype: torch.dtype | None = None  # precision per hop (torchmics only)
-
-
-@dataclass
-class Prepared:
-    model: nn.Module
-    sync: Callable[[bool], AbstractContextManager]  # is_last_micro_step -> context for that micro-step
-    autocast: bool = False  # DDP keeps fp32 params and computes under bf16 autocast
-    optimizer: torch.optim.Optimizer | None = None  # None: AdamW over model.parameters()
-    backward: Callable[[torch.Tensor], None] | None = None  # None: loss.backward() (DeepSpeed has its own)
-    clip_grad_norm: Callable[[float], torch.Tensor] | None = None  # None: torch.nn.utils.clip_grad_norm_
 
 
 def _device() -> torch.device:

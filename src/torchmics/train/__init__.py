@@ -1,1 +1,1 @@
-"""Training: the loop, its data, and the launcher that starts one process per rank."""
+"""Training: the loop, its data, and the configuration and reporting around them."""

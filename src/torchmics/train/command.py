@@ -21,7 +21,15 @@ from torchmics.train import run_folder
 from torchmics.train.build import check_pretrained
 from torchmics.train.config import TrainConfig, build_parser, resolve_config
 from torchmics.train.data import check_model_fits, load_tokens
-from torchmics.train.launcher import LocalLaunch, WorkerFailed, restart_hazard, run_rank, spawn, under_torchrun
+from torchmics.launch import (
+    LocalLaunch,
+    WorkerFailed,
+    restart_hazard,
+    run_rank,
+    show_warnings_as_lines,
+    spawn,
+    under_torchrun,
+)
 from torchmics.train.report import LAUNCHED_AT_ENV
 from torchmics.train.resolve import job_sizes, local_launch_shape, resolve_partition_size
 from torchmics.train.tracking import check_trackers
@@ -148,7 +156,6 @@ def _adamw_state_names() -> set[str]:
 
 def _train_rank(cfg: TrainConfig, debug: bool) -> None:
     """One rank's run; a failure's full traceback goes to the run folder before it propagates."""
-    from torchmics.cli import show_warnings_as_lines
     from torchmics.train.loop import train
 
     show_warnings_as_lines("torchmics train", debug)

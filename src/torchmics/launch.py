@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,12 @@ def restart_hazard() -> str | None:
             "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (examples/slurm.sbatch does)"
         )
     return None
+
+
+def show_warnings_as_lines(prog: str, debug: bool = False) -> None:
+    """Warnings as ``<prog>: warning: <message>``, one line each (``debug``: Python's usual form, with the source)."""
+    if not debug:
+        warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {' '.join(str(message).split())}\n"
 
 
 def free_port() -> int:
