@@ -107,7 +107,7 @@ def _refuse_meta_buffers(model: nn.Module) -> None:
         )
 
 
-def _modules_post_order(root: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+def _modules_post_order(root: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) children before parents, as ``nn.Module.apply`` visits them; shared modules once."""
     seen: set[int] = set()
     order: list[tuple[str, nn.Module]] = []
@@ -120,7 +120,7 @@ def _modules_post_order(root: nn.Module, prefix: str = "") -> list[tuple[str, nn
             visit(f"{name}.{child_name}" if name else child_name, child)
         order.append((name, module))
 
-    visit(prefix, root)
+    visit("", root)
     return order
 
 
