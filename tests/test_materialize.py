@@ -28,13 +28,13 @@ def _reference(builder: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _materialized(builder: str, partition_size: int, gpus_per_node: int, checkpointing: bool) -> dict:
+def _materialized(builder: str, partition_size: int, gpus_per_node: int, checkpointing: bool = False) -> dict:
     topo = torchmics.init_mesh(partition_size=partition_size, gpus_per_node=gpus_per_node)
     torch.manual_seed(SEED)
     with torchmics.meta_init():
         model = BUILDERS[builder]()
     assert all(p.is_meta for p in model.parameters())
-    if checkpointing and builder == "gpt":
+    if checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
         model.blocks = nn.ModuleList(checkpoint_wrapper(b) for b in model.blocks)
@@ -43,28 +43,34 @@ def _materialized(builder: str, partition_size: int, gpus_per_node: int, checkpo
     return {"state": torchmics.full_state_dict(model), "local_numel": local}
 
 
-@pytest.mark.parametrize(
-    "world,partition,gpus_per_node,nodes",
-    [(1, 1, 1, 1), (4, 2, 2, 2), (4, 4, 2, 2), (8, 4, 2, 4)],
-    ids=["world1", "world4-p2", "world4-p4-hier", "world8-p4-hier"],
-)
-def test_meta_init_equals_cpu_init_gpt(world, partition, gpus_per_node, nodes):
-    results = run_ranks(_materialized, world, "gpt", partition, gpus_per_node, world == 8, nodes=nodes)
-    reference = _reference("gpt")
-    state = results[0]["state"]
+def _cuts(cases: list[tuple[str, int, int, bool]]) -> list[dict]:
+    """Several models and topologies in one job (each ``init_mesh`` makes its own groups): one spawn, not one each."""
+    return [_materialized(*case) for case in cases]
+
+
+def _assert_same_weights(state: dict[str, torch.Tensor], builder: str) -> None:
+    reference = _reference(builder)
     assert state.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
+
+
+FOUR_RANKS = [("gpt", 2, 2, False), ("gpt", 4, 2, False), ("llama", 4, 2, False), ("gpt2", 4, 2, False)]
+
+
+def test_meta_init_equals_cpu_init_on_four_ranks():
+    """World 4 as 2 nodes x 2: partition 2, and 4 (hierarchical) for our GPT and two transformers models."""
+    results = run_ranks(_cuts, 4, FOUR_RANKS, nodes=2)[0]
     total = sum(p.numel() for p in GPT(GPT_CFG).parameters())
-    assert results[0]["local_numel"] <= total // partition + 64 * GPT_CFG.d_model  # a shard, not the model
+    for (builder, partition, _, _), result in zip(FOUR_RANKS, results):
+        _assert_same_weights(result["state"], builder)
+        if builder == "gpt":  # each rank holds a shard, not the model
+            assert result["local_numel"] <= total // partition + 64 * GPT_CFG.d_model
 
 
-@pytest.mark.parametrize("builder", ["llama", "gpt2"])
-def test_meta_init_equals_cpu_init_hf(builder):
-    results = run_ranks(_materialized, 4, builder, 4, 2, False, nodes=2)
-    reference = _reference(builder)
-    for name, tensor in reference.items():
-        torch.testing.assert_close(results[0]["state"][name], tensor, rtol=0, atol=0, msg=name)
+def test_meta_init_equals_cpu_init_on_eight_ranks():
+    """World 8 (4 nodes x 2, partition 4, hierarchical), with activation checkpointing wrappers."""
+    _assert_same_weights(run_ranks(_cuts, 8, [("gpt", 4, 2, True)], nodes=4)[0][0]["state"], "gpt")
 
 
 def test_hf_init_keeps_hf_semantics():
@@ -94,17 +100,20 @@ def test_uninitialized_parameter_is_named():
         torchmics.init_weights(Bare())
 
 
-def _shard_plain_meta():
+def _one_rank() -> tuple[dict, str | None]:
+    """World 1: the materialized GPT, and what shard() says of a model built under plain torch.device('meta')."""
+    weights = _materialized("gpt", 1, 1)
     topo = torchmics.init_mesh(partition_size=1, gpus_per_node=1)
     with torch.device("meta"):
         model = build_llama()
     try:
         torchmics.shard(model, topo)
     except ValueError as err:
-        return str(err)
-    return None
+        return weights, str(err)
+    return weights, None
 
 
-def test_plain_meta_buffers_are_refused():
-    message = run_ranks(_shard_plain_meta, 1)[0]
+def test_one_rank_and_plain_meta_buffers_are_refused():
+    weights, message = run_ranks(_one_rank, 1)[0]
+    _assert_same_weights(weights["state"], "gpt")
     assert message is not None and "torchmics.meta_init()" in message and "inv_freq" in message
