@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -21,14 +20,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import torchmics
 from dist_utils import run_ranks
-from toy import WIDTH, PartlyUsedToyModel, ToyBlock, ToyModel, lm_loss, make_batches
+from toy import WIDTH, PartlyUsedToyModel, ToyBlock, ToyModel, accumulate, make_batches
 from torchmics.checkpoint import (
     checkpoint_path,
-    export_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from torchmics.export import export_checkpoint
 
 STEPS, RESUME_AT, ACCUM = 4, 2, 2
 BATCHES = make_batches(STEPS, ACCUM, global_batch=8)  # batch 8 splits evenly over 2, 4 and 8 ranks
@@ -54,20 +53,14 @@ def _sharded(topo: torchmics.Topology, build: Callable[[], nn.Module] = ToyModel
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> list[float]:
     """Optimizer steps on ``BATCHES[step]`` (step-indexed data, so a resumed job sees the same batches)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
     losses = []
     for step in steps:
-        total = torch.zeros(())
-        for i, micro in enumerate(BATCHES[step]):
-            with torchmics.no_replica_sync(model) if i < ACCUM - 1 else contextlib.nullcontext():
-                loss = lm_loss(model, micro.chunk(world)[rank]) / ACCUM
-                loss.backward()
-            total += loss.detach()
+        total = accumulate(model, BATCHES[step])
         torchmics.clip_grad_norm_(model, 1.0)
         opt.step()
         opt.zero_grad()
         dist.all_reduce(total)
-        losses.append(total.item() / world)
+        losses.append(total.item() / dist.get_world_size())
     return losses
 
 

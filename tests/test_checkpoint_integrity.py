@@ -20,13 +20,13 @@ from toy import ToyModel, lm_loss, make_batches
 from torchmics.checkpoint import (
     DamagedCheckpointError,
     checkpoint_path,
-    export_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     remove_interrupted_saves,
     save_checkpoint,
     verify_checkpoint,
 )
+from torchmics.export import export_checkpoint
 
 BATCHES = make_batches(4, 1, global_batch=4)
 

@@ -1,10 +1,14 @@
-"""Rank arithmetic, checked against brute-force definitions on large worlds (no processes)."""
+"""Rank arithmetic, checked against brute-force definitions on large worlds (no processes), and init_mesh's defaults."""
 
 import itertools
+import os
+import warnings
 
 import pytest
+import torch.distributed as dist
 
-from torchmics.topology import plan_topology, valid_partition_sizes
+from dist_utils import run_ranks
+from torchmics.topology import init_mesh, plan_topology, valid_partition_sizes
 
 
 def _same_group(groups, a, b) -> bool:
@@ -63,3 +67,27 @@ def test_bad_sizes_explain_what_is_valid(world, gpus, partition, words):
         plan_topology(world, gpus, partition)
     for word in words:
         assert word in str(err.value)
+
+
+def _init_mesh_warnings() -> dict:
+    """init_mesh without gpus_per_node on CPU ranks, first without LOCAL_WORLD_SIZE, then told either way."""
+    local_world_size = os.environ.pop("LOCAL_WORLD_SIZE")
+    with warnings.catch_warnings(record=True) as assumed:
+        warnings.simplefilter("always")
+        topo = init_mesh(partition_size=4)
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        init_mesh(partition_size=4, gpus_per_node=2)
+        os.environ["LOCAL_WORLD_SIZE"] = local_world_size
+        init_mesh(partition_size=4)
+    return {"rank": dist.get_rank(), "assumed": [str(w.message) for w in assumed], "told": len(told),
+            "gpus_per_node": topo.gpus_per_node}
+
+
+def test_init_mesh_says_when_it_assumes_one_node():
+    results = run_ranks(_init_mesh_warnings, 4, nodes=2)
+    assert [r["gpus_per_node"] for r in results] == [4] * 4  # the assumption: one node, a flat partition
+    (message,) = results[0]["assumed"]
+    assert "assumed to be on one node" in message and "gpus_per_node=N" in message and "LOCAL_WORLD_SIZE" in message
+    assert all(not r["assumed"] for r in results[1:])  # rank 0 only
+    assert all(r["told"] == 0 for r in results)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+import torchmics
 
 VOCAB, WIDTH, SEQ = 37, 13, 6  # odd sizes: no parameter divides evenly into 2, 4 or 8 shards
 
@@ -71,6 +76,19 @@ def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     if hasattr(logits, "logits"):
         logits = logits.logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+
+
+def accumulate(model: nn.Module, step_batches: torch.Tensor) -> torch.Tensor:
+    """This rank's share of one step's micro-batches, forward and backward, the replica hop deferred to the
+    last micro-step (two-hop); returns the step's loss on this rank."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    total = torch.zeros(())
+    for i, micro in enumerate(step_batches):
+        with torchmics.no_replica_sync(model) if i < len(step_batches) - 1 else contextlib.nullcontext():
+            loss = lm_loss(model, micro.chunk(world)[rank]) / len(step_batches)
+            loss.backward()
+        total += loss.detach()
+    return total
 
 
 def reference_training(build, batches: torch.Tensor, lr: float = 1e-2, clip: float | None = 1.0):

@@ -1,13 +1,15 @@
 """torchmics: MiCS (Minimize Communication Scale) sharded data parallelism for PyTorch, on FSDP2."""
 
 from torchmics.checkpoint import (
+    DamagedCheckpointError,
     checkpoint_path,
-    export_checkpoint,
     full_state_dict,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
+from torchmics.export import export_checkpoint, export_model
 from torchmics.materialize import init_weights, meta_init
 from torchmics.optim import ReplicaShardedOptimizer
 from torchmics.pretrained import load_pretrained
@@ -15,12 +17,14 @@ from torchmics.sharding import MixedPrecision, clip_grad_norm_, no_replica_sync,
 from torchmics.topology import Topology, init_mesh, plan_topology
 
 __all__ = [
+    "DamagedCheckpointError",
     "MixedPrecision",
     "ReplicaShardedOptimizer",
     "Topology",
     "checkpoint_path",
     "clip_grad_norm_",
     "export_checkpoint",
+    "export_model",
     "full_state_dict",
     "latest_checkpoint",
     "load_pretrained",
@@ -32,4 +36,5 @@ __all__ = [
     "plan_topology",
     "save_checkpoint",
     "shard",
+    "verify_checkpoint",
 ]

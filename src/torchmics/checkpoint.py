@@ -1,4 +1,4 @@
-"""Checkpoints: sharded save/load through torch.distributed.checkpoint (DCP), and full (unsharded) export.
+"""Checkpoints: sharded save/load through torch.distributed.checkpoint (DCP); full export is torchmics.export.
 
 A checkpoint is a directory that every rank writes its own shards into; no rank ever holds the whole
 model. DCP records each tensor's *global* shape and which chunk each file holds, so a checkpoint saved
@@ -11,7 +11,7 @@ shard a rank now owns). Layout of a run directory::
         .metadata             DCP's index: global shape of every tensor, where each chunk lives
         __<r>_0.distcp        rank r's shards of the model and optimizer states
         rng/rank<r>.pt        rank r's random number generator states
-        hf_config.json        the Hugging Face config, when extra["model"] is "hf:<config>"
+        hf_config.json        the Hugging Face config of an HF model (torchmics.hf_config), for export
         torchmics.json        step, extra, topology, torch version, tensor shapes, and the size and
                               CRC-32 of every other file (checkpoint_integrity.py); written last
       step_200/
@@ -43,10 +43,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -56,6 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from torchmics.checkpoint_integrity import DamagedCheckpointError, FileRecords, find_damage, record_files
+from torchmics.hf_config import HFConfig, model_config_text
 from torchmics.optim import ReplicaShardedOptimizer
 from torchmics.sharding import shard_state, topology_of
 from torchmics.topology import Topology
@@ -66,7 +65,7 @@ HF_CONFIG_FILE = "hf_config.json"
 _DCP_INDEX = ".metadata"  # written by DCP on rank 0
 _TEMP_MARK = ".tmp-"
 _STEP_DIR = re.compile(r"step_(\d+)")
-_MODEL_KEY = "model"  # top-level key of the model state in the DCP checkpoint; tensors are "model.<fqn>"
+MODEL_KEY = "model"  # top-level key of the model state in the DCP checkpoint; tensors are "model.<fqn>"
 
 _T = TypeVar("_T")
 _VERIFIED: set[tuple[str, int, int]] = set()  # checkpoints this process verified (see verify_checkpoint)
@@ -93,21 +92,24 @@ def checkpoint_path(run_dir: str, step: int) -> str:
 def save_checkpoint(
     path: str,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None = None,
     *,
     step: int,
     extra: dict | None = None,
     keep: int | None = None,
     protect: Sequence[str] = (),
+    hf_config: HFConfig | None = None,
 ) -> None:
     """Save model, optimizer, RNG states and ``extra`` to the new directory ``path``; every rank calls it.
 
     Each rank writes only the shards it owns (DCP), so saving costs no gather and no extra memory;
-    each rank then records its own files' sizes and checksums. ``extra`` holds what resuming needs
-    beyond tensors (data position, config) and must be JSON-serializable; put the model spec under
-    ``extra["model"]`` so :func:`export_checkpoint` can write a Hugging Face directory for ``hf:``
-    models. ``path`` must not exist: a complete checkpoint is never overwritten. See the module
-    docstring for why a crash mid-save is harmless.
+    each rank then records its own files' sizes and checksums. ``optimizer=None`` saves the weights
+    only (load such a checkpoint without an optimizer). ``extra`` holds what resuming needs beyond
+    tensors (data position, config) and must be JSON-serializable. ``hf_config`` (a ``config.json``,
+    its folder or a ``transformers.PretrainedConfig``) is the Hugging Face config kept for
+    :func:`torchmics.export_checkpoint`; by default the model's own, for a ``transformers`` model
+    (:mod:`torchmics.hf_config` has the full rule). ``path`` must not exist: a complete checkpoint is
+    never overwritten. See the module docstring for why a crash mid-save is harmless.
 
     ``keep``: once ``path`` is published, delete the oldest complete checkpoints of its run directory
     until ``keep`` remain (the new one is the newest), except those in ``protect`` (e.g. the one the
@@ -117,7 +119,7 @@ def save_checkpoint(
         raise ValueError(f"save_checkpoint(keep={keep}): keep at least 1 checkpoint, or None for all")
     topology = topology_of(model)
     extra = _check_json(extra or {})
-    temp = on_rank0(lambda: _begin_save(path, extra))
+    temp, config = on_rank0(lambda: _begin_save(path, model_config_text(model, hf_config, extra)))
     state = _train_state(model, optimizer)
     writer = _RecordingWriter(temp)
     unchanged = f"The previous checkpoint and `latest` are unchanged; {temp} can be deleted."
@@ -125,8 +127,8 @@ def save_checkpoint(
         dcp.save(state, storage_writer=writer)
     # Gathering every rank's records also means every rank's files are on disk before publishing.
     files = _on_every_rank(lambda: _save_rng(temp) or _record_own_files(temp, writer.written))
-    metadata = _metadata(step, extra, topology, state[_MODEL_KEY]) | {"files": _merged(files)}
-    on_rank0(lambda: _publish(temp, path, metadata, keep, protect))
+    metadata = _metadata(step, extra, topology, state[MODEL_KEY]) | {"files": _merged(files)}
+    on_rank0(lambda: _publish(temp, path, metadata, config, keep, protect))
 
 
 class _RecordingWriter(FileSystemWriter):
@@ -192,6 +194,11 @@ def _fit_optimizer_template(optim_state: dict[str, Any], path: str) -> None:
     A parameter that never had a gradient has no optimizer state when saved, but the template to load
     into is made by a zero step over every parameter; such a parameter stays stateless, as saved.
     """
+    if not _holds_optimizer(path):
+        raise ValueError(
+            f"checkpoint {path} holds no optimizer state (it was saved with optimizer=None). Nothing was "
+            "loaded. Load it without an optimizer (weights only), then train with a fresh optimizer."
+        )
     saved = saved_optimizer_state(path)
     for name in [n for n in optim_state["state"] if n not in saved]:
         del optim_state["state"][name]
@@ -203,6 +210,11 @@ def _fit_optimizer_template(optim_state: dict[str, Any], path: str) -> None:
             f"optimizer needs {', '.join(sorted(needed))}). Nothing was loaded. Load it with the optimizer "
             "type it was saved with, or without an optimizer (weights only)."
         )
+
+
+def _holds_optimizer(path: str) -> bool:
+    """Whether an optimizer was saved: its parameter groups are, even when no parameter has state yet."""
+    return any(key.startswith("optim.") for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
 
 
 def saved_optimizer_state(path: str) -> dict[str, set[str]]:
@@ -320,46 +332,6 @@ def remove_interrupted_saves(run_dir: str) -> list[str]:
     return names
 
 
-def export_checkpoint(path: str, to: str) -> None:
-    """Write the full, unsharded model weights of checkpoint ``path`` as safetensors; no cluster needed.
-
-    Runs in one process without a process group: DCP reads every chunk of every model tensor, the
-    optimizer state is skipped. Keys are the unwrapped model's ``state_dict()`` keys. ``to`` ending in
-    ``.safetensors`` is the file to write; anything else is a directory that gets ``model.safetensors``
-    and, for a model saved with ``extra["model"] = "hf:<config>"``, its ``config.json``, so
-    ``transformers.AutoModelForCausalLM.from_pretrained(to)`` loads it.
-
-    Nothing is overwritten, and both ends are checked before any weight is read: the checkpoint's
-    files against their recorded sizes and checksums, the destination for existing files. The
-    weights file gets the mode any new file gets here (``0o666`` less the umask; safetensors alone
-    would make it private to its owner).
-    """
-    verify_checkpoint(path)
-    weights_file = to if to.endswith(".safetensors") else os.path.join(to, "model.safetensors")
-    _refuse_existing_export(weights_file)
-    weights = _read_model_weights(path)
-    os.makedirs(os.path.dirname(weights_file) or ".", exist_ok=True)
-    save_file(weights, weights_file, metadata={"format": "pt"})
-    os.chmod(weights_file, 0o666 & ~_umask())
-    hf_config = os.path.join(path, HF_CONFIG_FILE)
-    if weights_file != to and os.path.isfile(hf_config):
-        shutil.copyfile(hf_config, os.path.join(to, "config.json"))
-
-
-def _refuse_existing_export(weights_file: str) -> None:
-    if os.path.exists(weights_file):
-        raise FileExistsError(f"{weights_file} already exists and is never overwritten; export to a new path")
-    parent = os.path.dirname(weights_file)
-    if parent and os.path.exists(parent) and not os.path.isdir(parent):
-        raise NotADirectoryError(f"cannot export into {parent}: it is a file, not a folder")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 # ---- saving --------------------------------------------------------------------------------------
 
 
@@ -418,49 +390,32 @@ def _refuse_existing(path: str) -> None:
         )
 
 
-def _begin_save(path: str, extra: dict) -> str:
-    """Refuse an existing ``path`` or a missing HF config before writing anything; make the temp dir."""
+def _begin_save(path: str, config: str | None) -> tuple[str, str | None]:
+    """Refuse an existing ``path`` before writing anything (the HF config was read already); make the temp dir."""
     _refuse_existing(path)
-    _hf_config_source(extra)
     temp = f"{os.path.normpath(path)}{_TEMP_MARK}{uuid.uuid4().hex[:8]}"
     os.makedirs(temp)
-    return temp
-
-
-def _hf_config_source(extra: dict) -> str | None:
-    """The config.json behind ``extra["model"] = "hf:<config.json or folder>"``, or ``None``."""
-    spec = extra.get("model")
-    if not isinstance(spec, str) or not spec.startswith("hf:"):
-        return None
-    source = spec.removeprefix("hf:")
-    if os.path.isdir(source):
-        source = os.path.join(source, "config.json")
-    if not os.path.isfile(source):
-        raise FileNotFoundError(
-            f"extra['model'] = {spec!r} names no config file ({source} does not exist); the checkpoint "
-            "keeps a copy of it for export. Pass the spec the model was built from."
-        )
-    return source
+    return temp, config
 
 
 def _train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Sharded (DTensor) state dicts of model and optimizer, keyed by the unwrapped model's names."""
     if isinstance(optimizer, ReplicaShardedOptimizer):
         optim_state = optimizer.sharded_state_dict()  # first: it synchronizes the master weights
-        return {_MODEL_KEY: get_model_state_dict(model), "optim": optim_state}
+        return {MODEL_KEY: get_model_state_dict(model), "optim": optim_state}
     model_state, optim_state = get_state_dict(model, [optimizer] if optimizer is not None else [])
-    return {_MODEL_KEY: model_state, "optim": optim_state}
+    return {MODEL_KEY: model_state, "optim": optim_state}
 
 
 def _restore_train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
     if isinstance(optimizer, ReplicaShardedOptimizer):
-        set_model_state_dict(model, state[_MODEL_KEY])
+        set_model_state_dict(model, state[MODEL_KEY])
         optimizer.load_sharded_state_dict(state["optim"])
         return
     optimizers = [optimizer] if optimizer is not None else []
     # Not strict: parameters without saved optimizer state stay stateless (_fit_optimizer_template);
     # the model's names and shapes were checked against the checkpoint before loading.
-    set_state_dict(model, optimizers, model_state_dict=state[_MODEL_KEY], optim_state_dict=state["optim"],
+    set_state_dict(model, optimizers, model_state_dict=state[MODEL_KEY], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
 
 
@@ -502,12 +457,13 @@ def _metadata(step: int, extra: dict, topology: Topology, model_state: dict[str,
     }
 
 
-def _publish(temp: str, path: str, metadata: dict[str, Any], keep: int | None, protect: Sequence[str]) -> None:
+def _publish(temp: str, path: str, metadata: dict[str, Any], config: str | None, keep: int | None,
+             protect: Sequence[str]) -> None:
     """Complete the temp dir, rename it to ``path``, repoint ``latest``, prune: each step leaves a valid run."""
     _refuse_existing(path)  # another job may have taken the name since _begin_save
-    source = _hf_config_source(metadata["extra"])
-    if source is not None:
-        shutil.copyfile(source, os.path.join(temp, HF_CONFIG_FILE))
+    if config is not None:
+        with open(os.path.join(temp, HF_CONFIG_FILE), "w") as f:
+            f.write(config)
         metadata["files"] |= record_files(temp, [HF_CONFIG_FILE])
     _write_atomic(os.path.join(temp, METADATA_FILE), json.dumps(metadata))
     os.rename(temp, path)
@@ -619,20 +575,3 @@ def shape_differences(saved: dict[str, list[int]], model: dict[str, list[int]]) 
             problems.append(f"{name}: checkpoint {saved[name]} vs model {shape}")
     problems += [f"{name}: checkpoint {shape}, not in the model" for name, shape in saved.items() if name not in model]
     return problems
-
-
-def _read_model_weights(path: str) -> dict[str, torch.Tensor]:
-    """Every model tensor in full, read without a process group; keys without the ``model.`` prefix.
-
-    Each name is read into a tensor of its own, so tied weights (saved under each name) share no
-    storage and safetensors accepts them.
-    """
-    prefix = f"{_MODEL_KEY}."
-    entries = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    weights = {
-        key: torch.empty(entry.size, dtype=entry.properties.dtype)
-        for key, entry in entries.items()
-        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
-    }
-    dcp.load(weights, checkpoint_id=path, no_dist=True)
-    return {key.removeprefix(prefix): tensor for key, tensor in weights.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from torchmics.checkpoint import export_checkpoint
+from torchmics.export import WEIGHTS_FILE, export_checkpoint
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,13 +20,19 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--to",
         required=True,
-        help="a .safetensors file, or a directory that gets model.safetensors (and config.json for hf: models)",
+        help="a .safetensors file, or a directory that gets model.safetensors (and config.json for Hugging Face models)",
+    )
+    parser.add_argument(
+        "--hf-config",
+        default=None,
+        metavar="CONFIG",
+        help="config.json (or its folder) to write into the --to folder; default: the one saved with the checkpoint",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error, not one line")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    export_checkpoint(args.checkpoint, args.to)
-    written = args.to if args.to.endswith(".safetensors") else os.path.join(args.to, "model.safetensors")
+    export_checkpoint(args.checkpoint, args.to, hf_config=args.hf_config)
+    written = args.to if args.to.endswith(".safetensors") else os.path.join(args.to, WEIGHTS_FILE)
     print(f"wrote {written} ({os.path.getsize(written) / 2**20:.1f} MiB) from {args.checkpoint}")

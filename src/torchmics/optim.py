@@ -16,6 +16,7 @@ partition group, overlapping with the rest of backward, and runs once per optimi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,17 +88,23 @@ class _UnitSlices:
         torch._foreach_copy_(targets, sources)
 
 
-class ReplicaShardedOptimizer:
-    """Wraps any ``torch.optim`` optimizer so that its state covers this rank's slice of its shard.
+class ReplicaShardedOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` whose state covers only this rank's slice of its shard.
 
-    ``ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=3e-4)`` builds the inner optimizer on
-    views of the owned slices, so the inner update writes straight into FSDP2's sharded parameters.
-    ``param_groups`` is the inner optimizer's, so a schedule that sets ``group["lr"]`` works unchanged;
-    ``torch.optim.lr_scheduler`` classes want the inner optimizer itself (``.inner``). After
-    backward, ``p.grad`` of the model holds partition-reduced gradients only; the fully reduced
-    gradient of each slice is its ``grad`` once :meth:`reduce_gradients` ran (:meth:`step` and
-    :func:`torchmics.clip_grad_norm_` call it). Every replica must use the same parameters in each
-    backward (as with DDP without ``find_unused_parameters``), so that collectives match.
+    ``ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=3e-4)`` builds the inner optimizer
+    (``.inner``) on views of the owned slices, so the inner update writes straight into FSDP2's
+    sharded parameters. ``param_groups`` and ``state`` *are* the inner optimizer's (the same
+    objects), so ``torch.optim.lr_scheduler`` schedulers and code that sets ``group["lr"]`` work
+    unchanged. After backward, ``p.grad`` of the model holds partition-reduced gradients only; the
+    fully reduced gradient of each slice is its ``grad`` once :meth:`reduce_gradients` ran
+    (:meth:`step` and :func:`torchmics.clip_grad_norm_` call it). Every replica must use the same
+    parameters in each backward (as with DDP without ``find_unused_parameters``), so that
+    collectives match.
+
+    :meth:`state_dict` is torch's format for the inner optimizer: the state of *this rank's slices*
+    (parameter ids are slice indices), so it restores this rank of the same job (same model, world
+    and partition size); :func:`torchmics.save_checkpoint` writes the whole, topology-free state
+    instead (:meth:`sharded_state_dict`), interchangeable with a plain optimizer's.
     """
 
     def __init__(self, model: nn.Module, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> None:
@@ -121,13 +128,51 @@ class ReplicaShardedOptimizer:
         self.names = [self._name_of[id(p)] for unit in self.units for p in unit.params]
         self.slices = [s for unit in self.units for s in unit.slices]
         self.inner = optimizer_class(self.slices, **kwargs)
+        # Optimizer's own set-up (hooks, step profiling) around the inner optimizer's groups, which it
+        # re-adds unchanged through the setters below.
+        super().__init__(list(self.inner.param_groups), self.inner.defaults)
         self._pending: dict[int, torch.Tensor] = {}  # unit -> its reduce-scatter output, not yet handed out
         self._hop = ReplicaHop(params_per_unit, self._reduce_scatter, lambda: state.in_no_replica_sync, model)
         state.optimizer = self  # clipping and full state dicts go through the owned slices
 
     @property
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.inner.param_groups = groups
+
+    @property
+    def state(self) -> dict[torch.Tensor, Any]:  # type: ignore[override]
+        return self.inner.state
+
+    @state.setter
+    def state(self, state: dict[torch.Tensor, Any]) -> None:
+        self.inner.state = state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Where ``load_state_dict`` hands over the loaded ``state`` and ``param_groups``: to the inner
+        optimizer, whose class completes them (AdamW fills in group defaults and tensor steps)."""
+        self.inner.__setstate__(state)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` of this rank; raises when it holds another rank's or topology's slices."""
+        for index, entry in state_dict["state"].items():
+            if index < len(self.slices):  # a count that differs is torch's error (different group sizes)
+                self._check_fits(index, entry)
+        super().load_state_dict(state_dict)
+
+    def _check_fits(self, index: int, entry: dict[str, Any]) -> None:
+        expected = self.slices[index].numel()
+        sizes = {value.numel() for value in entry.values() if isinstance(value, torch.Tensor) and value.dim()}
+        if sizes - {expected}:
+            raise ValueError(
+                f"this state dict does not hold this rank's slices (slice {index} has {expected} elements here, "
+                f"its state {sorted(sizes)}): a ReplicaShardedOptimizer's state_dict restores the same rank of "
+                "the same job only. To move to another rank, world or partition size, use "
+                "torchmics.save_checkpoint / load_checkpoint."
+            )
 
     def _reduce_scatter(self, u: int) -> None:
         with self._hop.side_stream():
@@ -156,8 +201,11 @@ class ReplicaShardedOptimizer:
         self._pending.clear()
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Finish the replica reduce-scatter, step on the owned slices, all-gather the updated slices.
+
+        ``closure`` (torch's contract: it recomputes the loss, with its backward) runs first, so its
+        gradients are the ones reduced; its loss is returned.
 
         The all-gather sends the updated slices in the compute dtype (``param_dtype``): what other
         replicas hold of a slice they do not own is only ever cast to that dtype for forward and
@@ -165,9 +213,14 @@ class ReplicaShardedOptimizer:
         all-reduce. The full-precision values stay with their owner; :meth:`synchronize_master_weights`
         gathers them before anything reads whole parameters (checkpoints, ``full_state_dict``).
         """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         self.reduce_gradients()
         self.inner.step()
         self._all_gather_slices(self.compute_dtype)
+        return loss
 
     @torch.no_grad()
     def synchronize_master_weights(self) -> None:
@@ -213,6 +266,7 @@ class ReplicaShardedOptimizer:
         return total
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the model's partition-reduced gradients, the slices' gradients and any pending replica hop."""
         self.model.zero_grad(set_to_none=set_to_none)
         self.inner.zero_grad(set_to_none=set_to_none)
         self._pending.clear()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -155,10 +156,22 @@ def ensure_process_group() -> None:
 
 
 def _default_gpus_per_node(world_size: int) -> int:
+    """Ranks per node when ``init_mesh`` is not told: torchrun's ``LOCAL_WORLD_SIZE``, else the local GPUs.
+
+    Without either (CPU ranks started by hand) every rank is taken to be on one node, which makes every
+    partition group flat: rank 0 says so once, since a multi-node job would silently lose its hierarchy.
+    """
     if "LOCAL_WORLD_SIZE" in os.environ:
         return int(os.environ["LOCAL_WORLD_SIZE"])
     if torch.cuda.is_available():
         return min(torch.cuda.device_count(), world_size)
+    if world_size > 1 and dist.get_rank() == 0:
+        warnings.warn(
+            f"init_mesh: neither gpus_per_node nor LOCAL_WORLD_SIZE is set, so all {world_size} ranks are assumed "
+            "to be on one node (no hierarchical collectives). Pass init_mesh(gpus_per_node=N) with the ranks per "
+            "node, or launch with torchrun, which sets LOCAL_WORLD_SIZE.",
+            stacklevel=3,
+        )
     return world_size
 
 
@@ -179,8 +192,9 @@ def init_mesh(partition_size: int | None = None, gpus_per_node: int | None = Non
 
     Starts the default process group from torchrun's environment when none exists (NCCL with GPUs,
     gloo without). ``partition_size=None`` shards over the whole world (ZeRO-3); ``gpus_per_node=None``
-    reads ``LOCAL_WORLD_SIZE`` (or counts local GPUs). Every rank validates the sizes before creating
-    a group, so a bad size raises everywhere instead of hanging in a collective.
+    reads ``LOCAL_WORLD_SIZE`` (or counts local GPUs; on CPU without either: one node, with a warning).
+    Every rank validates the sizes before creating a group, so a bad size raises everywhere instead of
+    hanging in a collective.
     """
     ensure_process_group()
     world_size, rank = dist.get_world_size(), dist.get_rank()

@@ -23,6 +23,11 @@ still held; the estimate follows FSDP2 with mixed precision and ``zero_grad(set_
 * DDP keeps fp32 parameters and its gradient buckets (another fp32 copy), and computes under autocast:
   its cast cache holds a ``param_bytes`` copy of every weight until backward, and the residual stream
   stays fp32, so each block's two layer-norm inputs take 4 bytes, not 2;
+* hierarchical collectives (a partition group spanning nodes of ``G > 1`` GPUs) keep their staging
+  buffers for the whole job (``torchmics.collectives``): per distinct unit size, the all-gather holds an
+  inter-node buffer of ``1/G`` of the unsharded unit and an intra-node one of the whole unit in
+  ``param_bytes``, the reduce-scatter the same two in ``reduce_bytes``; the units are the blocks and the
+  root (what lies outside them), so ``(1 + 1/G) * (block + root) * (param_bytes + reduce_bytes)``;
 * a fixed ``overhead_bytes`` stands for the CUDA context, NCCL buffers and allocator fragmentation
   (assumption: 1 GiB);
 * with CPU offload the sharded parameters, their gradients and the optimizer states live in host
@@ -57,6 +62,7 @@ class MemoryEstimate:
     activations: float
     logits: float
     overhead: float
+    staging: float = 0.0  # the hierarchical collectives' buffers; 0 unless a partition group spans nodes
 
     @property
     def total(self) -> float:
@@ -102,6 +108,7 @@ def estimate_memory(
         activations=activations,
         logits=logits,
         overhead=overhead_bytes,
+        staging=staging_bytes(model, strategy, p, gpus_per_node),
     )
 
 
@@ -152,6 +159,16 @@ def _gathered_bytes(model: ModelSpec, strategy: Strategy) -> float:
     params = strategy.param_bytes * (model.embedding_params + 2 * model.layer_params)
     cast = strategy.param_bytes if strategy.reduce_bytes != strategy.param_bytes else 0
     return params + (strategy.reduce_bytes + cast) * model.layer_params
+
+
+def staging_bytes(model: ModelSpec, strategy: Strategy, partition_size: int, gpus_per_node: int) -> float:
+    """Bytes the hierarchical collectives keep for the job: ``(1 + 1/G)`` unsharded copies per distinct unit
+    size, once in the all-gather dtype and once in the reduce-scatter dtype (see the module docstring)."""
+    if strategy.kind == "ddp" or not strategy.hierarchical or not partition_size > gpus_per_node > 1:
+        return 0.0
+    root = model.num_params - model.n_layer * model.layer_params
+    unit_sizes = {model.layer_params, root} - {0}
+    return (1 + 1 / gpus_per_node) * sum(unit_sizes) * (strategy.param_bytes + strategy.reduce_bytes)
 
 
 def activation_bytes(
