@@ -63,7 +63,7 @@ def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batc
                 step_loss += loss.detach()
             after = _replica_hops(traffic, topo)  # counted before the optimizer step: during backward
             replica_all_reduces.append(after["all_reduce"] - before["all_reduce"])
-            replica_reduce_scatters.append(after["reduce_scatter_tensor"] - before["reduce_scatter_tensor"])
+            replica_reduce_scatters.append(after["reduce_scatter_single"] - before["reduce_scatter_single"])
             torchmics.clip_grad_norm_(model, 1.0)
             opt.step()
             opt.zero_grad()
@@ -90,8 +90,8 @@ def _replica_hops(traffic, topo) -> dict[str, int]:
     """Collectives run so far on this rank's replication group, by name."""
     replicas = topo.replication_groups[topo.shard_index(topo.rank)]
     if len(replicas) == 1:
-        return {"all_reduce": 0, "reduce_scatter_tensor": 0}
-    return {kind: traffic.get((kind, replicas), 0) for kind in ("all_reduce", "reduce_scatter_tensor")}
+        return {"all_reduce": 0, "reduce_scatter_single": 0}
+    return {kind: traffic.get((kind, replicas), 0) for kind in ("all_reduce", "reduce_scatter_single")}
 
 
 def assert_matches_reference(result, builder: str, batches: torch.Tensor, tolerance: float = 1e-5) -> None:
@@ -132,7 +132,7 @@ def test_hierarchical_path_carries_the_traffic():
     partition_groups, inter_groups, intra_groups = result["topology"]
     assert inter_groups == ((0, 2), (1, 3)) and intra_groups == ((0, 1), (2, 3))
     traffic = result["traffic"]
-    for collective in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+    for collective in ("all_gather_single", "reduce_scatter_single"):
         assert traffic.get((collective, (0, 1, 2, 3)), 0) == 0, f"flat {collective} ran"
         assert traffic.get((collective, (0, 2)), 0) > 0, f"no inter-node {collective}"
         assert traffic.get((collective, (0, 1)), 0) > 0, f"no intra-node {collective}"

@@ -1,13 +1,14 @@
-"""Hierarchical all-gather and reduce-scatter for partition groups that span nodes (DESIGN.md §3).
+"""Hierarchical all-gather and reduce-scatter for partition groups that span nodes (docs/design.md §3).
 
 A flat ring over a partition group of ``P`` ranks on ``m = P / G`` nodes pushes ``(P - 1) / P`` of the
 unsharded unit through every node's network link. Gathering first among the ranks that share a local
 rank (one per node, all ``G`` NICs of a node busy in parallel), then inside the node, cuts the inter-node
 volume to ``(P - G) / P``; the rest moves over NVLink.
 
-Both classes implement FSDP2's ``Comm`` interface and are installed with ``set_custom_all_gather`` /
-``set_custom_reduce_scatter``. FSDP2 passes the partition group's process group; we use the topology's
-``inter`` and ``intra`` sub-groups instead, which hold the same ranks.
+Both classes implement FSDP2's ``Comm`` interface (a private class: see :mod:`torchmics._fsdp`) and are
+installed with ``set_custom_all_gather`` / ``set_custom_reduce_scatter``. FSDP2 passes the partition
+group's process group; we use the topology's ``inter`` and ``intra`` sub-groups instead, which hold the
+same ranks.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import ReduceOp
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
+from torchmics._fsdp import COMPLETED_ON_CURRENT_STREAM, AllGather, ReduceScatter, all_gather_single, reduce_scatter_single
 from torchmics.topology import Topology
 
 
@@ -75,12 +76,12 @@ class HierarchicalAllGather(_HierarchicalComm, AllGather):
     ) -> dist.Work | None:
         n, m, k = input_tensor.numel(), self.nodes, self.gpus
         across_nodes = self.staging.get("ag_inter", m * n, input_tensor.dtype, input_tensor.device)
-        dist.all_gather_into_tensor(across_nodes, input_tensor, group=self.inter_group)
+        all_gather_single(across_nodes, input_tensor, group=self.inter_group)
         node_major = self.staging.get("ag_intra", k * m * n, input_tensor.dtype, input_tensor.device)
-        dist.all_gather_into_tensor(node_major, across_nodes, group=self.intra_group)
+        all_gather_single(node_major, across_nodes, group=self.intra_group)
         # node_major is [local rank][node][shard]; FSDP2 wants partition-rank order [node][local rank].
         output_tensor.view(m, k, n).copy_(node_major.view(k, m, n).transpose(0, 1))
-        return None  # completed on the current stream: FSDP2 treats None as a synchronous collective
+        return COMPLETED_ON_CURRENT_STREAM
 
 
 class HierarchicalReduceScatter(_HierarchicalComm, ReduceScatter):
@@ -98,8 +99,8 @@ class HierarchicalReduceScatter(_HierarchicalComm, ReduceScatter):
         local_major = self.staging.get("rs_intra", k * m * n, input_tensor.dtype, input_tensor.device)
         local_major.view(k, m, n).copy_(input_tensor.view(m, k, n).transpose(0, 1))
         node_partial = self.staging.get("rs_inter", m * n, input_tensor.dtype, input_tensor.device)
-        dist.reduce_scatter_tensor(node_partial, local_major, op=op, group=self.intra_group)
+        reduce_scatter_single(node_partial, local_major, op=op, group=self.intra_group)
         # SUM of SUMs and AVG of equal-sized AVGs compose; a pre-multiplied sum must scale only once.
         second_op = op if op in (ReduceOp.SUM, ReduceOp.AVG) else ReduceOp.SUM
-        dist.reduce_scatter_tensor(output_tensor, node_partial, op=second_op, group=self.inter_group)
-        return None
+        reduce_scatter_single(output_tensor, node_partial, op=second_op, group=self.inter_group)
+        return COMPLETED_ON_CURRENT_STREAM

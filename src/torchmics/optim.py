@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from torchmics._fsdp import all_gather_single, reduce_scatter_single
 from torchmics.replica import ReplicaHop, pack, units_of_params
 from torchmics.sharding import shard_state
 
@@ -178,7 +179,7 @@ class ReplicaShardedOptimizer(torch.optim.Optimizer):
         with self._hop.side_stream():
             send = self.units[u].pack_gradients(self.wire_dtype or self.slices[0].dtype, self.replicas)
             mine = torch.empty(self.units[u].chunk, dtype=send.dtype, device=send.device)
-            dist.reduce_scatter_tensor(mine, send, op=dist.ReduceOp.AVG, group=self.group)
+            reduce_scatter_single(mine, send, op=dist.ReduceOp.AVG, group=self.group)
         self._pending[u] = mine
 
     @torch.no_grad()
@@ -242,7 +243,7 @@ class ReplicaShardedOptimizer(torch.optim.Optimizer):
         """Start the all-gather of this rank's chunk of ``unit``, assembled from ``parts`` (one per slice)."""
         mine = unit.pack_owned(parts, dtype or parts[0].dtype)
         rows = torch.empty(self.replicas * unit.chunk, dtype=mine.dtype, device=mine.device)
-        return rows, dist.all_gather_into_tensor(rows, mine, group=self.group, async_op=True)
+        return rows, all_gather_single(rows, mine, group=self.group, async_op=True)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:

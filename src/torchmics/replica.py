@@ -1,15 +1,15 @@
 """The replica hop, when torchmics runs it instead of FSDP2: per unit, as soon as its gradients exist.
 
 FSDP2's HSDP reduces gradients in one dtype on both hops: reduce-scatter inside the partition group,
-then all-reduce across replicas. Across slow inter-node links the second hop decides throughput (on
-2 emulated nodes, HSDP two-hop ran at 11.9k tokens/s per GPU with fp32 reduction and 20.1k with bf16,
-DESIGN.md §7), while inside a node full precision costs little. And MiCS's replica all-reduce leaves
+then all-reduce across replicas. Across slow inter-node links the second hop decides throughput (a
+bf16 replica hop is measured in docs/design.md §7), while inside a node full precision costs little. And MiCS's replica all-reduce leaves
 a full copy of the optimizer states in every partition group. For both (``MixedPrecision(
 replica_reduce_dtype=...)`` and :class:`torchmics.ReplicaShardedOptimizer`) FSDP2 shards over the
 partition group only and torchmics runs the replica hop.
 
 FSDP2 calls each sharded parameter's post-accumulate-grad hooks once its partition-reduced gradient
-is in ``.grad`` (summed over the micro-steps so far, in the parameter's dtype). When the last
+is in ``.grad`` (summed over the micro-steps so far, in the parameter's dtype; not a public contract:
+see :mod:`torchmics._fsdp`, and :meth:`ReplicaHop.check_delivered`, which makes sure it held). When the last
 gradient of a unit arrives in a backward outside :func:`torchmics.no_replica_sync`, the unit's
 replica collective starts on a stream of its own, so it overlaps with the backward of the units
 before it, as HSDP's all-reduce does; at the end of backward the compute stream waits for it. Under
@@ -22,12 +22,16 @@ sends the whole gradient each time, as FSDP2 does, and rounds it again in a bf16
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+
+from torchmics import _fsdp
 
 
 def units_of_params(units: list[nn.Module]) -> list[list[DTensor]]:
@@ -60,10 +64,12 @@ class ReplicaHop:
         self._arrived = [0] * len(params_per_unit)  # gradients delivered in this backward, per unit
         self._waiting: set[int] = set()  # units holding gradients that no collective has reduced yet
         self._end_queued = False
+        self._delivered: dict[int, weakref.ref] = {}  # id(param) -> the gradient FSDP2 last handed its hook
         for u, params in enumerate(params_per_unit):
             for param in params:
-                param.register_post_accumulate_grad_hook(lambda _, u=u: self._on_gradient(u))
+                _fsdp.register_gradient_hook(param, lambda p, u=u: self._on_gradient(u, p))
         root.register_forward_pre_hook(lambda *_: self._start_iteration())
+        root.register_forward_hook(lambda _module, _args, output: self._watch_backward(output))
 
     def _start_iteration(self) -> None:
         """Forget a backward that never finished (an exception inside it), so the next one starts clean."""
@@ -75,12 +81,13 @@ class ReplicaHop:
         self._start_iteration()
         self._waiting.clear()
 
-    def _on_gradient(self, u: int) -> None:
+    def _on_gradient(self, u: int, param: DTensor) -> None:
+        self._delivered[id(param)] = weakref.ref(param.grad)
         self._waiting.add(u)
         if self._deferred():
             return
         if not self._end_queued:  # FSDP2 finalizes its own reductions the same way
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            _fsdp.queue_end_of_backward(self._end_of_backward)
             self._end_queued = True
         self._arrived[u] += 1
         if self._arrived[u] == len(self.params_per_unit[u]):
@@ -96,10 +103,42 @@ class ReplicaHop:
         for u in sorted(self._waiting):  # the same order on every replica
             self._run(u)
 
+    def check_delivered(self) -> None:
+        """Raise if a parameter holds a gradient that FSDP2 never handed to its hook.
+
+        The hop only learns of gradients through those hooks; one that bypassed them would never be
+        reduced across replicas, and the replicas would drift apart without an error. Checked after
+        every backward through the model (deferred or not), before an optimizer can step on them.
+        """
+        bypassed = sum(self._bypassed_hook(p) for params in self.params_per_unit for p in params)
+        if bypassed:
+            raise RuntimeError(
+                f"FSDP2 put gradients into {bypassed} sharded parameters without calling their post-accumulate-grad "
+                "hooks, so torchmics' replica hop never saw them and they would not be reduced across replicas. "
+                f"This FSDP2 (torch {torch.__version__}) does not behave as torch {_fsdp.tested_range()} does "
+                "(torchmics/_fsdp.py lists what torchmics relies on); use a tested torch, or shard without replica_reduce_dtype and optimizer states "
+                "over replicas so that FSDP2 runs the replica all-reduce itself."
+            )
+
     def _end_of_backward(self) -> None:
         self.flush()
         self.wait()
         self._end_queued = False
+
+    def _watch_backward(self, output: Any) -> None:
+        """Have :meth:`check_delivered` run after the backward of this forward's outputs, if one comes.
+
+        A hook on the outputs, not on the parameters: it must not depend on what it checks.
+        """
+        tensors = [t for t in _tensors(output) if t.requires_grad]
+        if tensors:
+            torch.autograd.graph.register_multi_grad_hook(
+                tensors, lambda _: _fsdp.queue_after_backward(self.check_delivered), mode="any"
+            )
+
+    def _bypassed_hook(self, param: DTensor) -> bool:
+        seen = self._delivered.get(id(param))
+        return param.grad is not None and (seen is None or seen() is not param.grad)
 
     @contextlib.contextmanager
     def side_stream(self) -> Iterator[None]:
@@ -119,6 +158,18 @@ class ReplicaHop:
         """Make the current stream wait for every replica collective queued so far."""
         if self._stream is not None:
             torch.cuda.current_stream().wait_stream(self._stream)
+
+
+def _tensors(output: Any) -> Iterable[torch.Tensor]:
+    """The tensors of a forward's output: a tensor, or one inside mappings (``ModelOutput``) and sequences."""
+    if isinstance(output, torch.Tensor):
+        yield output
+    elif isinstance(output, Mapping):
+        for value in output.values():
+            yield from _tensors(value)
+    elif isinstance(output, (list, tuple)):
+        for value in output:
+            yield from _tensors(value)
 
 
 def pack(tensors: list[torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:

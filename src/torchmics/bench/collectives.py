@@ -8,7 +8,6 @@ also calibrate the planner's cost model.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ import torch.distributed as dist
 
 import torchmics
 from torchmics.collectives import HierarchicalAllGather, HierarchicalReduceScatter
-from torchmics.topology import device_type
+from torchmics._fsdp import all_gather_single, reduce_scatter_single
+from torchmics.topology import current_device
 
 MESSAGE_BYTES = [2**20, 2**22, 2**24, 2**26, 2**28]
 CPU_MESSAGE_BYTES = [2**16, 2**18, 2**20]  # gloo on loopback: a functional check, not a figure
@@ -39,8 +39,8 @@ def _time(fn, repeats: int) -> float:
 
 
 def _candidates(topo: torchmics.Topology, group: dist.ProcessGroup) -> dict[str, tuple]:
-    flat = (lambda out, inp: dist.all_gather_into_tensor(out, inp, group=group),
-            lambda out, inp: dist.reduce_scatter_tensor(out, inp, group=group))
+    flat = (lambda out, inp: all_gather_single(out, inp, group=group),
+            lambda out, inp: reduce_scatter_single(out, inp, group=group))
     algos = {"flat": flat}
     if topo.hierarchical:
         gather, scatter = HierarchicalAllGather(topo), HierarchicalReduceScatter(topo)
@@ -54,7 +54,7 @@ def measure_collectives(gpus_per_node: int, out_file: str, repeats: int = 5) -> 
     sizes = MESSAGE_BYTES if torch.cuda.is_available() else CPU_MESSAGE_BYTES
     topo = torchmics.init_mesh(partition_size=None, gpus_per_node=gpus_per_node)
     p, group = topo.partition_size, topo.mesh.get_group("shard")
-    device = torch.device(device_type(), torch.cuda.current_device() if torch.cuda.is_available() else None)
+    device = current_device()
     records = []
     for size in sizes:
         numel = size // 2 // p * p  # bf16 elements, divisible by the group

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import torchmics
+from torchmics._fsdp import checkpoint_wrapper
 from torchmics.models import build_model
 from torchmics.models.gpt import GPT, ModelInfo
 from torchmics.pretrained import has_pretrained_weights, mismatches, read_pretrained
@@ -64,8 +65,6 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Activation checkpointing and compilation go on per block, before sharding (as torchtitan does)."""
     if cfg.activation_checkpointing:
         if isinstance(model, GPT):
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
             model.blocks = nn.ModuleList(checkpoint_wrapper(block) for block in model.blocks)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

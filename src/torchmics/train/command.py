@@ -159,8 +159,6 @@ def _train_rank(cfg: TrainConfig, debug: bool) -> None:
     from torchmics.train.loop import train
 
     show_warnings_as_lines("torchmics train", debug)
-    # torch >= 2.13 renames the tensor collectives FSDP2 calls; the old names still work on 2.9-2.13.
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     try:
         train(cfg)
     except Exception:
