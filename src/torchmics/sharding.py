@@ -28,8 +28,6 @@ from torchmics.wrapping import resolve_units
 
 _STATE_ATTR = "_torchmics_state"
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the names flags and configs use
-
 
 @dataclass(frozen=True)
 class MixedPrecision:

@@ -16,6 +16,7 @@ from torchmics.bench.deepspeed_peer import DEEPSPEED_UNAVAILABLE
 from torchmics.bench.report import markdown_table, write_outputs
 from torchmics.bench.runner import BenchConfig, run_system
 from torchmics.bench.systems import SINGLE_DEVICE_SYSTEMS, SYSTEMS
+from torchmics.dtypes import TRAINING_DTYPES
 from torchmics.topology import validate
 from torchmics.launch import LocalLaunch, spawn
 
@@ -37,9 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--steps", type=int, default=6 if ON_GPU else 2, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3 if ON_GPU else 1, help="untimed steps first")
-    p.add_argument("--reduce-dtype", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--param-dtype", choices=("bf16", "fp32"), default="bf16" if ON_GPU else "fp32")
-    p.add_argument("--replica-reduce-dtype", choices=("bf16", "fp32"), default=None,
+    p.add_argument("--reduce-dtype", choices=TRAINING_DTYPES, default="bf16")
+    p.add_argument("--param-dtype", choices=TRAINING_DTYPES, default="bf16" if ON_GPU else "fp32")
+    p.add_argument("--replica-reduce-dtype", choices=TRAINING_DTYPES, default=None,
                    help="torchmics systems: dtype of the replica hop (precision per hop); default: --reduce-dtype")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every unit (blocks) of every system, and the loss (fused cross-entropy)")

@@ -33,8 +33,9 @@ import torch
 import torch.nn as nn
 
 from torchmics.bench.spec import LEARNING_RATE, SEED, BenchSpec, Prepared
+from torchmics.dtypes import dtype_name
 from torchmics.materialize import materialize
-from torchmics.sharding import DTYPES
+from torchmics.topology import current_device
 from torchmics.wrapping import resolve_units
 
 
@@ -50,8 +51,6 @@ def _unavailable() -> str | None:
 
 
 DEEPSPEED_UNAVAILABLE = _unavailable()
-
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def ds_config(spec: BenchSpec, unit_numel: int, mics_shard_size: int | None = None, hierarchical: bool = False) -> dict:
@@ -77,7 +76,7 @@ def ds_config(spec: BenchSpec, unit_numel: int, mics_shard_size: int | None = No
         "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: the runner feeds the batches
         "gradient_accumulation_steps": 1,  # the runner accumulates and sets the boundary itself
         "bf16": {"enabled": spec.param_dtype == torch.bfloat16},
-        "communication_data_type": _DTYPE_NAMES[spec.reduce_dtype],
+        "communication_data_type": dtype_name(spec.reduce_dtype),
         "data_types": {"grad_accum_dtype": "fp32" if accumulate_fp32 else "bf16"},
         "zero_optimization": zero,
     }
@@ -90,8 +89,7 @@ def _largest_unit_numel(model: nn.Module) -> int:
 def _engine(spec: BenchSpec, model: nn.Module, config: dict) -> Prepared:
     import deepspeed  # slow to import; only the benchmark's workers need it
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    materialize(model, device, SEED)  # DeepSpeed partitions a whole model (see the module docstring)
+    materialize(model, current_device(), SEED)  # DeepSpeed partitions a whole model (see the module docstring)
     engine, *_ = deepspeed.initialize(
         model=model,
         # torch's AdamW, as the other systems get (DeepSpeed's FusedAdam needs its compiled ops).

@@ -25,8 +25,8 @@ from torchmics.bench.profile import profile_step
 from torchmics.bench.spec import LEARNING_RATE, BenchSpec
 from torchmics.bench.systems import SYSTEMS
 from torchmics.models import build_model, causal_lm_loss, logits_of
-from torchmics.sharding import DTYPES
-from torchmics.topology import ensure_process_group
+from torchmics.dtypes import DTYPES
+from torchmics.topology import current_device, ensure_process_group
 from torchmics.wrapping import compile_units
 from torchmics.launch import LocalLaunch, spawn
 
@@ -60,7 +60,7 @@ def _measure(cfg: BenchConfig, system: str, partition_size: int, out_file: str) 
     spec = BenchSpec(system, partition_size, world // cfg.nodes, DTYPES[cfg.reduce_dtype], DTYPES[cfg.param_dtype], replica_dtype)
     ensure_process_group()
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    device = current_device()
     torch.manual_seed(0)
     with torchmics.meta_init():  # every system materializes it: shards where it shards, whole where it does not
         model, info = build_model(cfg.model, cfg.seq_len)

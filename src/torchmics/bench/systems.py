@@ -21,11 +21,8 @@ import torchmics
 from torchmics.bench.deepspeed_peer import DEEPSPEED_SYSTEMS
 from torchmics.bench.spec import LEARNING_RATE, SEED, BenchSpec, Prepared
 from torchmics.materialize import materialize
+from torchmics.topology import current_device
 from torchmics.wrapping import resolve_units
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _always_sync(is_last: bool) -> AbstractContextManager:
@@ -58,7 +55,7 @@ def _fsdp2(spec: BenchSpec, model: nn.Module, hsdp: bool) -> Prepared:
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    materialize(model, _device(), SEED, [*units, model])  # FSDP2's own meta-device recipe, torchmics' init
+    materialize(model, current_device(), SEED, [*units, model])  # FSDP2's own meta-device recipe, torchmics' init
 
     def sync(is_last: bool) -> AbstractContextManager:
         model.set_requires_all_reduce(is_last or not hsdp)
@@ -71,7 +68,7 @@ def _ddp(spec: BenchSpec, model: nn.Module) -> Prepared:
     """DDP all-reduces every micro-step (no ``no_sync``), the DESIGN.md §7 baseline."""
     from torch.nn.parallel import DistributedDataParallel
 
-    device = _device()
+    device = current_device()
     materialize(model, device, SEED)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if spec.reduce_dtype == torch.bfloat16:
@@ -87,7 +84,7 @@ def _single(spec: BenchSpec, model: nn.Module) -> Prepared:
     """
     if dist.get_world_size() != 1:
         raise ValueError(f"the single system runs on one GPU, not {dist.get_world_size()}; bench it with --nproc 1")
-    materialize(model, _device(), SEED)
+    materialize(model, current_device(), SEED)
     return Prepared(model, _always_sync, autocast=spec.param_dtype != torch.float32)
 
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from torchmics.dtypes import DTYPES
 from torchmics.plan.calibrate import calibrate
 from torchmics.plan.cluster import ClusterProfile, get_profile, with_gpus_per_node
 from torchmics.plan.model_spec import ModelSpec
@@ -22,7 +23,7 @@ from torchmics.plan.planner import (
     render_table,
 )
 from torchmics.plan.simulate import default_sizes, render_rows, simulate, write_outputs
-from torchmics.plan.strategy import DTYPE_BYTES, Strategy, options
+from torchmics.plan.strategy import Strategy, options
 
 SHAPE_FLAGS = ("params", "layers", "d_model")  # a bare shape needs all three
 
@@ -72,9 +73,9 @@ def _add_common(p: argparse.ArgumentParser, default_cluster: str) -> None:
     train.add_argument("--micro-batch", type=positive_int, default=4, help="sequences per GPU per micro-step")
     train.add_argument("--accum", type=positive_int, default=1, help="micro-steps per optimizer step")
     train.add_argument("--activation-checkpointing", action="store_true")
-    train.add_argument("--param-dtype", choices=tuple(DTYPE_BYTES), default="bf16")
-    train.add_argument("--reduce-dtype", choices=tuple(DTYPE_BYTES), default="fp32")
-    train.add_argument("--replica-reduce-dtype", choices=tuple(DTYPE_BYTES), default=None,
+    train.add_argument("--param-dtype", choices=tuple(DTYPES), default="bf16")
+    train.add_argument("--reduce-dtype", choices=tuple(DTYPES), default="fp32")
+    train.add_argument("--replica-reduce-dtype", choices=tuple(DTYPES), default=None,
                        help="dtype of the replica hop alone (precision per hop); default: --reduce-dtype")
     train.add_argument("--optimizer-over-replicas", action="store_true",
                        help="shard optimizer states across replicas too (torchmics.ReplicaShardedOptimizer)")

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from torchmics.dtypes import DTYPES
 from torchmics.topology import validate
 
 Kind = Literal["ddp", "zero3", "mics"]
@@ -80,8 +81,6 @@ class Strategy:
         return dataclasses.replace(self, kind=kind, partition_size=partition_size, hierarchical=hierarchical)
 
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # the dtype names of flags, configs and bench records
-
 
 def options(
     param_dtype: str = "bf16",
@@ -96,9 +95,9 @@ def options(
     bench-record reader and ``train --partition-size auto`` all come through here.
     """
     for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
-        if value not in DTYPE_BYTES:
-            raise ValueError(f"{name} must be one of {', '.join(DTYPE_BYTES)}, got {value!r}")
-    replica = DTYPE_BYTES[replica_reduce_dtype] if replica_reduce_dtype else None
-    return Strategy("mics", param_bytes=DTYPE_BYTES[param_dtype], reduce_bytes=DTYPE_BYTES[reduce_dtype],
+        if value not in DTYPES:
+            raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
+    replica = DTYPES[replica_reduce_dtype].itemsize if replica_reduce_dtype else None
+    return Strategy("mics", param_bytes=DTYPES[param_dtype].itemsize, reduce_bytes=DTYPES[reduce_dtype].itemsize,
                     replica_reduce_bytes=replica, replica_sharded_optimizer=optimizer_over_replicas,
                     cpu_offload=cpu_offload)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 import torchmics
@@ -16,7 +17,7 @@ from torchmics._fsdp import checkpoint_wrapper
 from torchmics.models import build_model
 from torchmics.models.gpt import GPT, ModelInfo
 from torchmics.pretrained import has_pretrained_weights, mismatches, read_pretrained
-from torchmics.sharding import DTYPES
+from torchmics.dtypes import DTYPES
 from torchmics.topology import Topology
 from torchmics.train.config import TrainConfig
 from torchmics.wrapping import compile_units
@@ -54,11 +55,18 @@ def shard_model(model: nn.Module, cfg: TrainConfig, topo: Topology) -> tuple[nn.
     model = torchmics.shard(prepare_model(model, cfg), topo, mixed_precision=mixed_precision(cfg),
                             shard_optimizer_across_replicas=cfg.optimizer_over_replicas,
                             offload=cfg.cpu_offload, init_seed=cfg.seed)
-    folder = pretrained_folder(cfg)
+    folder = _agreed(pretrained_folder(cfg))
     if folder is None:
         return model, f"random init (seed {cfg.seed}), each rank its own shards"
     loaded = torchmics.load_pretrained(model, folder)
     return model, f"pretrained from {folder} ({len(loaded.shapes)} tensors, {loaded.num_bytes / 2**30:.2f} GiB)"
+
+
+def _agreed(folder: str | None) -> str | None:
+    """Rank 0's answer for every rank: one that saw no weights would train while the others load them."""
+    choice = [folder]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torchmics.dtypes import TRAINING_DTYPES
 from torchmics.models import PRESETS, schedules
 
 if sys.version_info >= (3, 11):
@@ -162,7 +163,7 @@ HELP: dict[str, str] = {
     "wandb_project": "the W&B project of --wandb runs (default: $WANDB_PROJECT, else torchmics)",
     "out": "the run folder: metrics, plot, checkpoints; one job at a time, never another run's results",
 }
-CHOICES: dict[str, tuple[str, ...]] = {"mixed_precision": ("fp32", "bf16"), "replica_reduce_dtype": ("fp32", "bf16")}
+CHOICES: dict[str, tuple[str, ...]] = {"mixed_precision": TRAINING_DTYPES, "replica_reduce_dtype": TRAINING_DTYPES}
 _DEFAULT_SHOWN = {"out": "runs/<date>-<time>"}  # a default computed when the run starts
 
 
