@@ -100,20 +100,56 @@ def test_uninitialized_parameter_is_named():
         torchmics.init_weights(Bare())
 
 
-def _one_rank() -> tuple[dict, str | None]:
-    """World 1: the materialized GPT, and what shard() says of a model built under plain torch.device('meta')."""
-    weights = _materialized("gpt", 1, 1)
+class _ReachingGPT(GPT):
+    """A root-level rule that rescales the blocks' projections, as nanoGPT does from its constructor."""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:
+            for block in self.blocks:
+                block.mlp.proj.weight.mul_(0.5)
+
+
+class _SharedBuffer(nn.Module):
+    """Two modules registering one buffer: both must keep its values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        mask = torch.arange(3.0)
+        self.a.register_buffer("mask", mask)
+        self.b.register_buffer("mask", mask)
+
+
+def _shard_error(build) -> str | None:
     topo = torchmics.init_mesh(partition_size=1, gpus_per_node=1)
-    with torch.device("meta"):
-        model = build_llama()
+    with torch.device("meta") if build is build_llama else torchmics.meta_init():
+        model = build()
     try:
         torchmics.shard(model, topo)
     except ValueError as err:
-        return weights, str(err)
-    return weights, None
+        return str(err)
+    return None
 
 
-def test_one_rank_and_plain_meta_buffers_are_refused():
-    weights, message = run_ranks(_one_rank, 1)[0]
-    _assert_same_weights(weights["state"], "gpt")
-    assert message is not None and "torchmics.meta_init()" in message and "inv_freq" in message
+def _one_rank() -> dict:
+    """World 1: the materialized GPT, shared buffers, and what shard() refuses."""
+    topo = torchmics.init_mesh(partition_size=1, gpus_per_node=1)
+    with torchmics.meta_init():
+        shared = _SharedBuffer()
+    shared = torchmics.shard(shared, topo)
+    return {
+        "gpt": _materialized("gpt", 1, 1),
+        "masks": (shared.a.mask.clone(), shared.b.mask.clone()),
+        "plain_meta": _shard_error(build_llama),
+        "reaching": _shard_error(lambda: _ReachingGPT(GPT_CFG)),
+    }
+
+
+def test_one_rank_buffers_and_refusals():
+    result = run_ranks(_one_rank, 1)[0]
+    _assert_same_weights(result["gpt"]["state"], "gpt")
+    for mask in result["masks"]:
+        torch.testing.assert_close(mask, torch.arange(3.0))
+    assert "torchmics.meta_init()" in result["plain_meta"] and "inv_freq" in result["plain_meta"]
+    assert "wrote blocks.0.mlp.proj.weight" in result["reaching"] and "other units" in result["reaching"]

@@ -85,16 +85,19 @@ def materialize(
     peers that need the whole model (DDP) do. Buffers keep their values (see :func:`meta_init`).
     """
     _refuse_meta_buffers(model)
-    buffers = dict(model.named_buffers())
+    buffers = list(model.named_buffers(remove_duplicate=False))  # every name of a shared buffer
     model.to_empty(device="cpu" if offload else device)
-    for name, buffer in buffers.items():  # to_empty replaced the buffers with uninitialized ones
+    moved: dict[int, torch.Tensor] = {}
+    for name, buffer in buffers:  # to_empty replaced the buffers with uninitialized ones
         module_path, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module_path), attr, buffer.to(device))
+        setattr(model.get_submodule(module_path), attr, moved.setdefault(id(buffer), buffer.to(device)))
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         init_weights(model, seed)
         return
     for group in _unit_groups(model, list(units)):
         _initialize_group(model, group, device, seed)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the largest unit's full-size blocks would otherwise stay reserved
 
 
 def _refuse_meta_buffers(model: nn.Module) -> None:
@@ -141,6 +144,9 @@ def _unit_groups(model: nn.Module, units: list[nn.Module]) -> list[list[tuple[st
 
 def _initialize_group(model: nn.Module, group: list[tuple[str, nn.Module]], device: torch.device, seed: int) -> None:
     """Give ``group``'s modules full tensors, run their initializers, keep each rank's slice."""
+    own = {id(p) for _, module in group for p in module.parameters(recurse=False)}
+    outside = [(name, p) for name, p in model.named_parameters() if id(p) not in own]
+    versions = [_version(p) for _, p in outside]  # to catch a rule writing another unit
     sharded: dict[int, DTensor] = {}
     full: dict[int, nn.Parameter] = {}
     swapped: list[tuple[nn.Module, str, DTensor]] = []
@@ -156,6 +162,7 @@ def _initialize_group(model: nn.Module, group: list[tuple[str, nn.Module]], devi
     try:
         with torch.no_grad():
             _run_initializers(model, group, seed, device)
+            _refuse_writes_outside(outside, versions, group)
             for path, module in group:
                 for name, p in module.named_parameters(recurse=False):
                     _check_written(p, path, name, module)
@@ -165,6 +172,24 @@ def _initialize_group(model: nn.Module, group: list[tuple[str, nn.Module]], devi
     finally:
         for module, name, p in swapped:
             module._parameters[name] = p
+
+
+def _version(p: DTensor) -> tuple[int, int]:
+    """In-place writes through the DTensor bump its own counter; writes to its local shard, the shard's."""
+    return p._version, p.to_local()._version
+
+
+def _refuse_writes_outside(outside: list[tuple[str, DTensor]], versions: list[int], group: list) -> None:
+    """A rule that writes a parameter of another unit would write a shard, not the full tensor: refuse it."""
+    written = [name for (name, p), version in zip(outside, versions) if _version(p) != version]
+    if written:
+        unit = group[-1][0] or "the root"
+        raise ValueError(
+            f"initializing unit {unit!r} wrote {', '.join(written[:3])}, which belong to other units: torchmics "
+            "initializes one unit at a time, so a rule must write only its module's subtree. Move that rule into "
+            "the owning module's initializer, shard with units that contain both (wrap=...), or build the model "
+            "on a real device and shard it initialized."
+        )
 
 
 def _run_initializers(model: nn.Module, modules: list[tuple[str, nn.Module]], seed: int, device: torch.device | None) -> None:

@@ -82,9 +82,13 @@ def load_pretrained(model: nn.Module, folder: str) -> Pretrained:
     Returns the folder's index (for reporting what was loaded).
     """
     shard_state(model)
-    pretrained = read_pretrained(folder)
+    try:  # a rank that cannot read the folder (node-local disk, a half-synced copy) must not leave the others waiting
+        pretrained = read_pretrained(folder)
+        problems = mismatches(model, pretrained)
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        pretrained, problems = None, [f"{type(err).__name__}: {err}"]
+    _agree(problems, f"{folder} does not fit this model", "Nothing was loaded.")
     targets = model.state_dict(keep_vars=True)
-    _agree(mismatches(model, pretrained), f"{folder} does not fit this model", "Nothing was loaded.")
     failure = None
     try:
         _read_owned_slices(targets, pretrained)

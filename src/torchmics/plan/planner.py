@@ -123,7 +123,7 @@ def nothing_fits(candidates: list[Candidate]) -> ValueError:
     return ValueError(
         f"the model needs {widest.memory.total_gib:.1f} GiB per GPU even at partition = world "
         f"({widest.partition_size} GPUs; {widest.budget / GIB:.1f} GiB usable per GPU); use more "
-        f"GPUs, activation checkpointing, CPU offload, or a smaller micro-batch"
+        f"GPUs, activation checkpointing, {'' if widest.strategy.cpu_offload else 'CPU offload, '}or a smaller micro-batch"
     )
 
 

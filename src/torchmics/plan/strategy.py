@@ -97,6 +97,9 @@ def options(
     for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
         if value not in DTYPES:
             raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
+    if cpu_offload and (optimizer_over_replicas or replica_reduce_dtype):
+        raise ValueError("CPU offload cannot be combined with the optimizer over replicas or a replica-hop dtype: "
+                         "torchmics runs those replica hops on the gradient shards, which offloading keeps in host memory")
     replica = DTYPES[replica_reduce_dtype].itemsize if replica_reduce_dtype else None
     return Strategy("mics", param_bytes=DTYPES[param_dtype].itemsize, reduce_bytes=DTYPES[reduce_dtype].itemsize,
                     replica_reduce_bytes=replica, replica_sharded_optimizer=optimizer_over_replicas,
