@@ -103,14 +103,16 @@ def assert_matches_reference(result, builder: str, batches: torch.Tensor, tolera
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize(
-    "world,nodes,partition",
-    [(4, 1, 1), (4, 1, 2), (4, 1, 4), (4, 2, 4), (4, 4, 4), (8, 4, 4)],
-    ids=["w4-p1", "w4-p2", "w4-p4", "2x2-p4-hier", "4x1-p4", "4x2-p4-hier-2rep"],
-)
-def test_toy_model_matches_single_process(world, nodes, partition):
-    batches = make_batches(STEPS, ACCUM, global_batch=world * 2)
-    results = run_ranks(sharded_training, world, world // nodes, partition, "toy", batches, nodes=nodes)
+def _several(cases: list[tuple]) -> list[dict]:
+    """Several trainings in one job (each builds its own mesh): one process start for all of them."""
+    return [sharded_training(*case) for case in cases]
+
+
+# (GPUs per node, partition size) on 4 ranks: flat P 1, 2, 4; 2x2 hierarchical; 4 nodes of 1.
+FOUR_RANK_TOPOLOGIES = {"w4-p1": (4, 1), "w4-p2": (4, 2), "w4-p4": (4, 4), "2x2-p4-hier": (2, 4), "4x1-p4": (1, 4)}
+
+
+def _assert_toy_case(results: list[dict], world: int, partition: int, batches: torch.Tensor) -> None:
     assert_matches_reference(results[0], "toy", batches)
     assert results[0]["losses"] == results[-1]["losses"]
     for result in results:  # two-hop: exactly one replica all-reduce per unit per optimizer step
@@ -118,11 +120,22 @@ def test_toy_model_matches_single_process(world, nodes, partition):
         assert result["replica_all_reduces"] == [expected] * STEPS
 
 
-def test_cpu_offload_matches_single_process():
-    """FSDP2's CPU offload path (on CPU ranks the host is the device, so this checks the bookkeeping)."""
+def test_toy_model_matches_single_process_on_four_ranks():
+    """Every 4-rank topology, and CPU offload (FSDP2's offload path; on CPU ranks the host is the device)."""
     batches = make_batches(STEPS, ACCUM, global_batch=8)
-    results = run_ranks(sharded_training, 4, 2, 4, "toy", batches, None, False, None, True, nodes=2)
-    assert_matches_reference(results[0], "toy", batches)
+    cases = [(gpus, p, "toy", batches) for gpus, p in FOUR_RANK_TOPOLOGIES.values()]
+    cases.append((2, 4, "toy", batches, None, False, None, True))
+    per_rank = run_ranks(_several, 4, cases, nodes=2)
+    for i, (_, partition) in enumerate(FOUR_RANK_TOPOLOGIES.values()):
+        _assert_toy_case([rank[i] for rank in per_rank], 4, partition, batches)
+    assert_matches_reference(per_rank[0][-1], "toy", batches)  # offloaded
+
+
+def test_toy_model_matches_single_process_on_eight_ranks():
+    """4 nodes x 2, partition 4 (hierarchical), 2 replicas."""
+    batches = make_batches(STEPS, ACCUM, global_batch=16)
+    results = run_ranks(sharded_training, 8, 2, 4, "toy", batches, nodes=4)
+    _assert_toy_case(results, 8, 4, batches)
 
 
 def test_hierarchical_path_carries_the_traffic():
@@ -138,25 +151,23 @@ def test_hierarchical_path_carries_the_traffic():
         assert traffic.get((collective, (0, 1)), 0) > 0, f"no intra-node {collective}"
 
 
-@pytest.mark.parametrize("builder", ["llama", "gpt2"])
-def test_transformers_models_match_single_process(builder):
+def test_transformers_models_match_single_process():
     batches = make_batches(2, ACCUM, global_batch=8)
-    results = run_ranks(sharded_training, 4, 2, 4, builder, batches, nodes=2)
-    assert_matches_reference(results[0], builder, batches)
+    per_rank = run_ranks(_several, 4, [(2, 4, builder, batches) for builder in ("llama", "gpt2")], nodes=2)
+    for i, builder in enumerate(("llama", "gpt2")):
+        assert_matches_reference(per_rank[0][i], builder, batches)
 
 
-@pytest.mark.parametrize(
-    "world,nodes,partition,dtype,tolerance",
-    [(4, 2, 2, torch.float32, 1e-5), (8, 4, 4, torch.float32, 1e-5), (8, 4, 4, torch.bfloat16, 2e-2)],
-    ids=["2x2-p2-fp32", "4x2-p4-hier-fp32", "4x2-p4-hier-bf16"],
-)
-def test_replica_hop_in_its_own_dtype(world, nodes, partition, dtype, tolerance):
+@pytest.mark.parametrize("world,nodes,partition", [(4, 2, 2), (8, 4, 4)], ids=["2x2-p2", "4x2-p4-hier"])
+def test_replica_hop_in_its_own_dtype(world, nodes, partition):
     """Precision per hop: torchmics runs the replica all-reduce (fp32 exact, bf16 to bf16 tolerance)."""
     batches = make_batches(STEPS, ACCUM, global_batch=world * 2)
-    results = run_ranks(sharded_training, world, world // nodes, partition, "toy", batches, dtype, nodes=nodes)
-    assert_matches_reference(results[0], "toy", batches, tolerance)
-    for result in results:
-        assert result["replica_all_reduces"] == [result["units"]] * STEPS
+    cases = [(world // nodes, partition, "toy", batches, dtype) for dtype in (torch.float32, torch.bfloat16)]
+    per_rank = run_ranks(_several, world, cases, nodes=nodes)
+    for i, tolerance in enumerate((1e-5, 2e-2)):
+        assert_matches_reference(per_rank[0][i], "toy", batches, tolerance)
+        for rank in per_rank:
+            assert rank[i]["replica_all_reduces"] == [rank[i]["units"]] * STEPS
 
 
 @pytest.mark.parametrize("world,nodes,partition", [(4, 2, 2), (8, 4, 4)], ids=["2x2-p2", "4x2-p4-hier"])
