@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Smoke test of the DeepSpeed peers (DESIGN.md section 7) on a GPU machine without internet.
+# Smoke test of the DeepSpeed peers (docs/design.md §7) on a GPU machine without internet.
 # DeepSpeed 0.18.9 (the last release with MiCS) and the dependencies the machine lacks travel as wheels
 # in .whl/ (git-ignored: pass it along, e.g. carry=[".whl"]); they are installed into /tmp/site.
 # Runs the tiny model (wiring: every parameter stays below DeepSpeed's 1e5-element persistence

@@ -1,4 +1,4 @@
-"""The DeepSpeed peers of `torchmics bench` (DESIGN.md §7): their config, and training equal to plain training.
+"""The DeepSpeed peers of `torchmics bench` (docs/design.md §7): their config, and training equal to plain training.
 
 The training tests need DeepSpeed 0.18 and skip without it. On CPU they run on gloo, which cannot
 coalesce collectives, so there MiCS' all-gathers run one tensor at a time; everything else (its

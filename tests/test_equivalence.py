@@ -1,4 +1,4 @@
-"""torchmics training equals single-process training on the same global batch (DESIGN.md §4)."""
+"""torchmics training equals single-process training on the same global batch (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ This is the one module that maps ranks to groups. `plan_topology` is a pure func
 (world size, GPUs per node, partition size), so the layout of a 1024-GPU job can be checked without
 starting a single process; `init_mesh` turns that layout into process groups.
 
-Layout (DESIGN.md §2). Rank ``r = node * G + local_rank``; partition group ``g`` holds the consecutive
+Layout (docs/design.md §2). Rank ``r = node * G + local_rank``; partition group ``g`` holds the consecutive
 ranks ``[g*P, (g+1)*P)`` so that a group fills a node before it spans nodes; the replication group of
 a rank holds the ranks with the same index in every partition group. When ``P > G > 1`` a partition
 group spans ``P / G`` whole nodes and is *hierarchical*: its ``inter`` sub-groups join the ranks with

@@ -1,4 +1,4 @@
-"""DeepSpeed's ZeRO-3 and MiCS as `torchmics bench` peers (DESIGN.md section 7).
+"""DeepSpeed's ZeRO-3 and MiCS as `torchmics bench` peers (docs/design.md §7).
 
 MiCS first shipped inside DeepSpeed as a subclass of its ZeRO-3: ``MiCS_Init`` partitions each
 parameter over a group of ``mics_shard_size`` ranks instead of the whole world, and ``MiCS_Optimizer``

@@ -65,7 +65,7 @@ def _fsdp2(spec: BenchSpec, model: nn.Module, hsdp: bool) -> Prepared:
 
 
 def _ddp(spec: BenchSpec, model: nn.Module) -> Prepared:
-    """DDP all-reduces every micro-step (no ``no_sync``), the DESIGN.md §7 baseline."""
+    """DDP all-reduces every micro-step (no ``no_sync``), the docs/design.md §7 baseline."""
     from torch.nn.parallel import DistributedDataParallel
 
     device = current_device()

@@ -85,7 +85,7 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-124m": GPTConfig(n_layer=12, n_head=12, d_model=768, seq_len=1024, vocab_size=50304),
     "350m": _gpt3(24, 16, 1024),
     "760m": _gpt3(24, 16, 1536),
-    # The benchmark model (DESIGN.md section 7): GPT-3 1.3B's shape with an untied lm_head, 1.418B params.
+    # The benchmark model (docs/design.md §7): GPT-3 1.3B's shape with an untied lm_head, 1.418B params.
     "1.4b": _gpt3(24, 16, 2048, tie_embeddings=False),
     "2.7b": _gpt3(32, 32, 2560),
     "6.7b": _gpt3(32, 32, 4096),

@@ -69,7 +69,7 @@ def with_gpus_per_node(profile: ClusterProfile, gpus_per_node: int) -> ClusterPr
 GB = 1e9
 _NVLINK_A100 = LinkClass(alpha=3e-6, beta=230 * GB)  # nccl-tests busbw, 8x A100 NVSwitch (NVIDIA/nccl#527)
 _NVLINK_H100 = LinkClass(alpha=3e-6, beta=360 * GB)  # assumption: NVLink4 busbw, 8x H100/H200 NVSwitch
-_NVLINK_MEASURED = LinkClass(alpha=3e-6, beta=237 * GB)  # DESIGN.md s7: NCCL intra-node pair, H200 host
+_NVLINK_MEASURED = LinkClass(alpha=3e-6, beta=237 * GB)  # docs/design.md §7: NCCL intra-node pair, H200 host
 _NETWORK_3200 = LinkClass(alpha=10e-6, beta=320 * GB)  # assumption: 80% of 3200 Gbps, 10 us per ring step
 # Fitted by `calibrate` to the collective lines of benchmarks/results/h100-emulated-2x1 (1 to 256 MiB).
 _LOOPBACK_SOCKET = LinkClass(alpha=157e-6, beta=2.88 * GB)
@@ -134,7 +134,7 @@ PROFILES: dict[str, ClusterProfile] = {
             inter=_NETWORK_3200,
             compute_mfu=0.51,
             source="Host memory 2048 GiB as AWS p5e.48xlarge (assumption). 8x H200 nodes with 3200 Gbps. Assumptions as h100-3200 (same NVLink4 and network); MFU "
-            "0.51 as measured on NVLink on our H200 host (DESIGN.md s7).",
+            "0.51 as measured on NVLink on our H200 host (docs/design.md §7).",
         ),
         ClusterProfile(  # kept as measured: the H200 host's sockets were slower than the H100 host's
             name="emulated-h200",
@@ -149,7 +149,7 @@ PROFILES: dict[str, ClusterProfile] = {
             compute_mfu=0.51,
             emulated=True,
             source="Host memory 512 GiB (the 4x H200 host). Our 4x H200 host as 2 emulated nodes x 2 GPUs (NCCL Socket over loopback between nodes). "
-            "Measured (DESIGN.md s7): intra-node busbw 237 GB/s, cross-node pair 2.7 GB/s, MFU 0.51 on "
+            "Measured (docs/design.md §7): intra-node busbw 237 GB/s, cross-node pair 2.7 GB/s, MFU 0.51 on "
             "NVLink. Loopback sockets share no NIC (each GPU's connections are CPU-bound), so a node "
             "moves 2 x 2.7 GB/s. Assumption: 157 us per socket ring step, as fitted on the H100 host.",
         ),
