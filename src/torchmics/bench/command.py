@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -13,10 +12,11 @@ from rich.console import Console
 
 from torchmics.bench.collectives import measure_collectives
 from torchmics.bench.deepspeed_peer import DEEPSPEED_UNAVAILABLE
-from torchmics.bench.report import markdown_table, write_outputs
+from torchmics.bench.report import results_table, write_outputs
 from torchmics.bench.runner import BenchConfig, run_system
 from torchmics.bench.systems import SINGLE_DEVICE_SYSTEMS, SYSTEMS
 from torchmics.dtypes import TRAINING_DTYPES
+from torchmics.tables import read_jsonl
 from torchmics.topology import validate
 from torchmics.launch import LocalLaunch, spawn
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
     if args.collectives:
         out_file = f"/tmp/torchmics-collectives-{os.getpid()}.jsonl"
         spawn(measure_collectives, LocalLaunch(cfg.nproc, cfg.nodes, use_gpus=ON_GPU), gpus_per_node, out_file)
-        records = [json.loads(line) for line in Path(out_file).read_text().splitlines()]
+        records = read_jsonl(out_file)
         Path(out_file).unlink()
     else:
         partition = args.partition_size or gpus_per_node
@@ -105,5 +105,5 @@ def run(args: argparse.Namespace) -> None:
             records.append(run_system(cfg, system, partition))
             console.print(f"{system}: {records[-1]['status']} ({time.perf_counter() - began:.0f} s)")
     write_outputs(out_dir, records)
-    console.print(markdown_table(records))
+    console.print(results_table(records))
     console.print(f"appended to {out_dir}/results.jsonl; table {out_dir}/results.md, chart {out_dir}/results.png")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-def load_results(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+from torchmics.tables import markdown_table, read_jsonl
 
 
 def _setting(r: dict) -> str:
@@ -23,24 +21,27 @@ def _profile_cell(r: dict) -> str:
     return f"{p['compute_s']:.2f} / {p['comm_s']:.2f} / {p['exposed_s']:.2f}" if "compute_s" in p else "-"
 
 
-def markdown_table(records: list[dict]) -> str:
-    rows = ["| setting | system | partition | tok/s/GPU | MFU | step s | peak GiB | compute / comm / exposed s | status |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for r in (r for r in records if r.get("kind") != "collective"):
-        if r.get("status") == "ok":
-            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-            mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
-            rows.append(f"| {_setting(r)} | {r['system']} | {r['partition_size']} | {r['tokens_per_s_per_gpu']:,.0f} | "
-                        f"{mfu} | {r['step_time_s']:.3f} | {mem} | {_profile_cell(r)} | ok |")
-        else:
-            error = r.get("error", "").splitlines()[-1][:80] if r.get("error") else ""
-            rows.append(f"| {_setting(r)} | {r['system']} | {r['partition_size']} | - | - | - | - | - | failed: {error} |")
+def _run_row(r: dict) -> list[object]:
+    if r.get("status") != "ok":
+        error = r.get("error", "").splitlines()[-1][:80] if r.get("error") else ""
+        return [_setting(r), r["system"], r["partition_size"], "-", "-", "-", "-", "-", f"failed: {error}"]
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+    mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
+    return [_setting(r), r["system"], r["partition_size"], f"{r['tokens_per_s_per_gpu']:,.0f}", mfu,
+            f"{r['step_time_s']:.3f}", mem, _profile_cell(r), "ok"]
+
+
+def results_table(records: list[dict]) -> str:
+    """The training runs of ``records`` as a markdown table, then the collective measurements (if any) as another."""
+    runs = [r for r in records if r.get("kind") != "collective"]
+    tables = [markdown_table(["setting", "system", "partition", "tok/s/GPU", "MFU", "step s", "peak GiB",
+                              "compute / comm / exposed s", "status"], [_run_row(r) for r in runs])]
     collectives = [r for r in records if r.get("kind") == "collective"]
     if collectives:
-        rows += ["", "| op | algo | ranks | nodes x GPUs | MiB | bus GB/s |", "|---|---|---|---|---|---|"]
-        rows += [f"| {c['op']} | {c['algo']} | {c['ranks']} | {c['nodes']}x{c['gpus_per_node']} | {c['bytes'] / 2**20:.0f} | "
-                 f"{c['busbw_gbps']:.1f} |" for c in collectives]
-    return "\n".join(rows) + "\n"
+        tables.append(markdown_table(["op", "algo", "ranks", "nodes x GPUs", "MiB", "bus GB/s"],
+                                     [[c["op"], c["algo"], c["ranks"], f"{c['nodes']}x{c['gpus_per_node']}",
+                                       f"{c['bytes'] / 2**20:.0f}", f"{c['busbw_gbps']:.1f}"] for c in collectives]))
+    return "\n\n".join(tables) + "\n"
 
 
 def bar_chart(records: list[dict], png: Path) -> None:
@@ -70,6 +71,6 @@ def write_outputs(out_dir: Path, new_records: list[dict]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "results.jsonl").open("a") as f:
         f.writelines(json.dumps(r) + "\n" for r in new_records)
-    records = load_results(out_dir / "results.jsonl")
-    (out_dir / "results.md").write_text(markdown_table(records))
+    records = read_jsonl(out_dir / "results.jsonl", missing_ok=True)
+    (out_dir / "results.md").write_text(results_table(records))
     bar_chart([r for r in records if r.get("kind") != "collective"], out_dir / "results.png")

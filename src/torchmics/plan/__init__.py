@@ -26,12 +26,12 @@ from torchmics.plan.model_spec import PAPER_MODELS, ModelSpec
 from torchmics.plan.planner import Candidate, evaluate, plan, recommend, render_table
 from torchmics.plan.records import (
     predict_record,
-    read_jsonl,
     record_strategy,
     training_records,
 )
 from torchmics.plan.simulate import SimRow, default_sizes, simulate, write_outputs
 from torchmics.plan.strategy import Strategy
+from torchmics.tables import read_jsonl  # results files, read as everything else reads JSONL
 
 __all__ = [
     "PAPER_MODELS",

@@ -29,7 +29,8 @@ import statistics
 from pathlib import Path
 
 from torchmics.plan.cluster import ClusterProfile, LinkClass, with_gpus_per_node
-from torchmics.plan.records import Record, predict_record, read_jsonl, training_records
+from torchmics.plan.records import Record, predict_record, training_records
+from torchmics.tables import read_jsonl
 
 GB = 1e9
 SUFFIX = "-calibrated"

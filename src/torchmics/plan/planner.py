@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torchmics.plan._table import markdown_table
 from torchmics.plan.cluster import ClusterProfile
 from torchmics.plan.cost import StepCost, step_time
 from torchmics.plan.memory import GIB, HostMemoryEstimate, MemoryEstimate, estimate_host_memory, estimate_memory
 from torchmics.plan.model_spec import ModelSpec
 from torchmics.plan.strategy import Strategy
+from torchmics.tables import markdown_table
 from torchmics.topology import valid_partition_sizes
 
 DEFAULT_MEMORY_FRACTION = 0.9  # headroom for allocator fragmentation and peaks the model misses

@@ -8,8 +8,6 @@ here, once.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
 from torchmics.plan.cluster import ClusterProfile, with_gpus_per_node
@@ -19,14 +17,6 @@ from torchmics.plan.model_spec import ModelSpec
 from torchmics.plan.strategy import Strategy, options
 
 Record = dict[str, Any]
-
-
-def read_jsonl(path: str | Path) -> list[Record]:
-    """Every line of a results file: training records and ``"kind": "collective"`` lines alike."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no results file at {path}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def training_records(lines: list[Record]) -> list[Record]:

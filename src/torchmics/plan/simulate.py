@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchmics.plan._table import markdown_table
 from torchmics.plan.cluster import ClusterProfile
 from torchmics.plan.model_spec import ModelSpec
 from torchmics.plan.planner import (
@@ -43,6 +42,7 @@ from torchmics.plan.planner import (
     recommend,
 )
 from torchmics.plan.strategy import Strategy
+from torchmics.tables import markdown_table
 
 STRATEGIES = ("zero3", "mics", "ddp")
 

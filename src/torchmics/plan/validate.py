@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchmics.plan._table import markdown_table
 from torchmics.plan.calibrate import calibrate_lines
 from torchmics.plan.cluster import PROFILES, ClusterProfile
-from torchmics.plan.records import Record, predict_record, read_jsonl, training_records
+from torchmics.plan.records import Record, predict_record, training_records
+from torchmics.tables import markdown_table, read_jsonl
 
 RESULTS = Path("benchmarks/results")
 # (profile, results files to calibrate it on; the runs of the last are predicted)

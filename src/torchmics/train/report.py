@@ -8,7 +8,6 @@ steps after its first interval (which includes compilation and warm-up), as benc
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -22,6 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from torchmics.models import schedules
 from torchmics.models.gpt import ModelInfo
+from torchmics.tables import read_jsonl
 from torchmics.topology import Topology
 from torchmics.train.config import TrainConfig
 from torchmics.train.tracking import Trackers
@@ -203,20 +203,9 @@ def _median(records: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def read_records(metrics_path: Path) -> list[dict]:
-    """The records of metrics.jsonl; a line cut short by a killed process is skipped, not an error."""
-    if not metrics_path.is_file():
-        return []
-    records = []
-    for line in metrics_path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
-    return records
-
-
 def keep_records_until(metrics_path: Path, step: int) -> list[dict]:
     """Rewrite metrics.jsonl (atomically) with only the records of steps ``<= step``; return them."""
-    kept = [r for r in read_records(metrics_path) if r["step"] <= step]
+    kept = [r for r in read_jsonl(metrics_path, missing_ok=True) if r["step"] <= step]
     if metrics_path.exists():
         temp = metrics_path.with_name(metrics_path.name + ".tmp")
         temp.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -231,7 +220,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_records(metrics_path)
+    records = read_jsonl(metrics_path, missing_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
     val = [r for r in records if "val_loss" in r]

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torchmics import checkpoint
-from torchmics.train.report import read_records
+from torchmics.tables import read_jsonl
 
 LOCK_FILE = "torchmics.lock"
 METRICS_FILE = "metrics.jsonl"
@@ -188,7 +188,7 @@ def refuse_to_replace_results(out: str, resume_from: str | None) -> None:
     Otherwise the file belongs to another run (or an earlier run into the same folder) and would be
     replaced: refuse, and say what to do instead.
     """
-    records = read_records(Path(out) / METRICS_FILE)
+    records = read_jsonl(Path(out) / METRICS_FILE, missing_ok=True)
     if not records or (resume_from is not None and os.path.samefile(Path(resume_from).parent, out)):
         return
     steps = f"steps {records[0]['step']}-{records[-1]['step']}"
