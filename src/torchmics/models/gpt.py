@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -248,10 +249,55 @@ def build_model(spec: str, seq_len: int | None = None) -> tuple[nn.Module, Model
     return GPT(cfg), info
 
 
-def _build_hf(spec: str, seq_len: int | None) -> tuple[nn.Module, ModelInfo]:
+@dataclass(frozen=True)
+class HFShape:
+    """The shape fields of a Hugging Face config; ``None`` where the config does not name one."""
+
+    n_layer: int
+    d_model: int
+    vocab_size: int
+    n_head: int | None
+    max_context: int | None
+
+
+def hf_config_file(spec: str) -> str:
+    """The ``config.json`` that ``spec`` (``"hf:"`` and a config.json or the folder holding one) names."""
     path = spec.removeprefix("hf:")
-    if not os.path.exists(path):
-        raise ValueError(f"{spec}: config path {path} does not exist (expected a config.json or a folder holding one)")
+    path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise ValueError(f"{spec}: {path} does not exist (expected a config.json or a folder holding one)")
+    return path
+
+
+def hf_shape(config: Mapping[str, Any] | object, spec: str = "the model") -> HFShape:
+    """Layers, width, vocabulary, heads and maximum context of a Hugging Face config.
+
+    ``config`` is a ``config.json`` as a dict or a ``transformers.PretrainedConfig``; HF model families
+    spell the same field differently (LLaMA's names, or GPT-2's n_layer / n_embd / n_positions), and
+    the first that the config has wins.
+    """
+
+    def field(*names: str, required: bool = True) -> int | None:
+        for name in names:
+            value = config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+            if value is not None:
+                return int(value)
+        if required:
+            raise ValueError(f"{spec}: the config has none of the fields {', '.join(names)}; "
+                             "is it a decoder-only transformer config?")
+        return None
+
+    return HFShape(
+        n_layer=field("num_hidden_layers", "n_layer"),
+        d_model=field("hidden_size", "n_embd", "d_model"),
+        vocab_size=field("vocab_size"),
+        n_head=field("num_attention_heads", "n_head", required=False),
+        max_context=field("max_position_embeddings", "n_positions", "seq_length", required=False),
+    )
+
+
+def _build_hf(spec: str, seq_len: int | None) -> tuple[nn.Module, ModelInfo]:
+    path = hf_config_file(spec)
     try:
         import transformers
     except ImportError as e:
@@ -259,31 +305,21 @@ def _build_hf(spec: str, seq_len: int | None) -> tuple[nn.Module, ModelInfo]:
     config = transformers.AutoConfig.from_pretrained(path)
     # fp32 master weights whatever dtype the folder was saved in: --mixed-precision decides the compute dtype.
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    n_layer = _config_field(spec, config, "num_hidden_layers", "n_layer")
-    d_model = _config_field(spec, config, "hidden_size", "n_embd")
-    max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if seq_len is None and max_context is None:
+    shape = hf_shape(config, spec)
+    if seq_len is None and shape.max_context is None:
         raise ValueError(f"{spec}: the config names no maximum context (max_position_embeddings); pass seq_len")
-    seq_len = _check_seq_len(spec, seq_len, max_context)
+    seq_len = _check_seq_len(spec, seq_len, shape.max_context)
     num_params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     info = ModelInfo(
         name=spec,
         num_params=num_params,
-        n_layer=n_layer,
-        d_model=d_model,
-        vocab_size=config.vocab_size,
+        n_layer=shape.n_layer,
+        d_model=shape.d_model,
+        vocab_size=shape.vocab_size,
         seq_len=seq_len,
-        flops_per_token=6 * num_params + 12 * n_layer * d_model * seq_len,
+        flops_per_token=6 * num_params + 12 * shape.n_layer * shape.d_model * seq_len,
     )
     return model, info
-
-
-def _config_field(spec: str, config: object, *names: str) -> int:
-    """The first of ``names`` the config has: HF model families spell the same field differently."""
-    for name in names:
-        if getattr(config, name, None) is not None:
-            return getattr(config, name)
-    raise ValueError(f"{spec}: the config has none of the fields {', '.join(names)}")
 
 
 def _check_seq_len(spec: str, seq_len: int | None, max_context: int | None) -> int:

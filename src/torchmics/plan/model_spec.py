@@ -79,11 +79,15 @@ class ModelSpec:
         SiLU models, and an untied output head are taken into account; biases and norms are not
         (they are < 0.1% of a billion-parameter model).
         """
-        n_layer = _first(config, "num_hidden_layers", "n_layer")
-        d_model = _first(config, "hidden_size", "n_embd", "d_model")
-        n_head = _first(config, "num_attention_heads", "n_head")
-        seq_len = _first(config, "max_position_embeddings", "n_positions", "seq_length")
-        vocab_size = _first(config, "vocab_size")
+        # imported lazily: planning must not pay for importing torch.nn model code
+        from torchmics.models.gpt import hf_shape
+
+        shape = hf_shape(config, "config")
+        if shape.n_head is None or shape.max_context is None:
+            raise ValueError("config names no attention heads or no maximum context; "
+                             "is it a decoder-only transformer config?")
+        n_layer, d_model, n_head, vocab_size = shape.n_layer, shape.d_model, shape.n_head, shape.vocab_size
+        seq_len = shape.max_context
         ffn = config.get("intermediate_size") or config.get("n_inner") or 4 * d_model
         kv_dim = d_model * config.get("num_key_value_heads", n_head) // n_head
         tied = config.get("tie_word_embeddings", True)
@@ -103,11 +107,9 @@ class ModelSpec:
         """What ``torchmics train --model`` accepts: a preset, or ``hf:`` and a ``config.json`` (or its folder)."""
         if not name.startswith("hf:"):
             return cls.from_preset(name)
-        path = Path(name.removeprefix("hf:"))
-        path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise ValueError(f"{name}: {path} does not exist (expected a config.json or a folder holding one)")
-        return cls.from_hf_config(json.loads(path.read_text()))
+        from torchmics.models.gpt import hf_config_file  # lazily, as in from_hf_config
+
+        return cls.from_hf_config(json.loads(Path(hf_config_file(name)).read_text()))
 
     @classmethod
     def from_preset(cls, name: str) -> ModelSpec:
@@ -140,13 +142,6 @@ def _decoder_params(
     attention = 2 * d_model * d_model + 2 * d_model * kv_dim  # q, o and k, v projections
     mlp = (3 if gated else 2) * d_model * ffn
     return n_layer * (attention + mlp) + (1 if tied else 2) * vocab_size * d_model
-
-
-def _first(config: dict[str, Any], *keys: str) -> int:
-    for key in keys:
-        if key in config:
-            return int(config[key])
-    raise ValueError(f"config has none of {keys}; is it a decoder-only transformer config?")
 
 
 PAPER_MODELS: dict[str, ModelSpec] = {
