@@ -22,10 +22,10 @@ if [ "$part" = all ] || [ "$part" = check ]; then
 fi
 if [ "$part" = replica ]; then  # the replica-sharded optimizer next to plain two-hop, profiled
   python3 -m torchmics.cli bench --steps 6 --warmup 2 --out "$OUT/replica" --emulate-nodes 2 --accum 4 \
-    --partition-size 1 --reduce-dtype bf16 --profile --systems torchmics,torchmics-replica-optimizer 2>&1 | quiet | tee -a "$OUT/bench.log"
+    --partition-size 1 --reduce-dtype bf16 --profile --systems torchmics,torchmics-optimizer-over-replicas 2>&1 | quiet | tee -a "$OUT/bench.log"
 fi
 if [ "$part" = all ] || [ "$part" = peers ]; then
   python3 -m torchmics.cli bench --steps 4 --warmup 2 --out "$OUT/emulated" --emulate-nodes 2 --accum 4 \
     --partition-size 1 --reduce-dtype bf16 --profile \
-    --systems torchmics,torchmics-replica-optimizer,fsdp2-hsdp,deepspeed-mics,deepspeed-zero3,fsdp2-full 2>&1 | quiet | tee -a "$OUT/bench.log"
+    --systems torchmics,torchmics-optimizer-over-replicas,fsdp2-hsdp,deepspeed-mics,deepspeed-zero3,fsdp2-full 2>&1 | quiet | tee -a "$OUT/bench.log"
 fi

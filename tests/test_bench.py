@@ -1,7 +1,9 @@
 """`torchmics bench` on CPU: every system runs through the same harness and lands in the results."""
 
+import argparse
 import json
 
+from torchmics.bench.command import _systems
 from torchmics.cli import main
 
 REQUIRED = {"system", "partition_size", "nodes", "gpus_per_node", "emulated", "accum", "reduce_dtype",
@@ -30,17 +32,22 @@ def test_bench_runs_each_system_and_writes_table_and_chart(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
+def test_earlier_system_name_is_still_accepted():
+    args = argparse.Namespace(systems="torchmics,torchmics-replica-optimizer", nproc=2, grad_clip=None)
+    assert _systems(args) == ["torchmics", "torchmics-optimizer-over-replicas"]
+
+
 def test_profile_writes_kernel_table_and_trace(tmp_path):
     """--profile runs one extra step under torch.profiler: its table names the step's real ops."""
-    args = ["bench", "--out", str(tmp_path), "--systems", "torchmics-replica-optimizer", "--emulate-nodes", "2",
+    args = ["bench", "--out", str(tmp_path), "--systems", "torchmics-optimizer-over-replicas", "--emulate-nodes", "2",
             "--partition-size", "1", "--steps", "1", "--warmup", "1", "--seq-len", "32", "--profile"]
     assert main(args) == 0
     [record] = _records(tmp_path)
     assert record["status"] == "ok", record.get("error")
     assert record["profile"]["profiled_step_s"] > 0
-    table = (tmp_path / "profiles" / "torchmics-replica-optimizer-p1-accum2-bf16.txt").read_text()
+    table = (tmp_path / "profiles" / "torchmics-optimizer-over-replicas-p1-accum2-bf16.txt").read_text()
     assert "aten::mm" in table and "reduce_scatter" in table  # matmuls and the replica hop were seen
-    assert (tmp_path / "profiles" / "torchmics-replica-optimizer-p1-accum2-bf16.json.gz").stat().st_size > 0
+    assert (tmp_path / "profiles" / "torchmics-optimizer-over-replicas-p1-accum2-bf16.json.gz").stat().st_size > 0
 
 
 def test_profile_counts_overlapping_kernels_once():

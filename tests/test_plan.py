@@ -143,7 +143,7 @@ def test_memory_of_accumulated_gradients():
 def test_memory_options():
     ckpt = estimate_memory(ONE_B, Strategy.mics(8), 32, 8, micro_batch=2, activation_checkpointing=True)
     assert ckpt.activations == 16 * 2 * 1024 * 2 * 2048 + 1024 * 2 * 2048 * 34  # inputs + one block
-    sharded = estimate_memory(ONE_B, Strategy.mics(8, replica_sharded_optimizer=True), 32, 8, micro_batch=2)
+    sharded = estimate_memory(ONE_B, Strategy.mics(8, optimizer_over_replicas=True), 32, 8, micro_batch=2)
     assert sharded.optimizer == 8e9 / 32
     scores = estimate_memory(ONE_B, Strategy.mics(8), 8, 8, micro_batch=2, flash_attention=False)
     assert scores.activations == 16 * 1024 * 2 * 2048 * (34 + 5 * 16 * 1024 / 2048)
@@ -247,10 +247,10 @@ def test_two_hop_amortises_the_replica_all_reduce():
     assert (once.all_reduce, every.all_reduce) == (pytest.approx(10 * ar), pytest.approx(40 * ar))
 
 
-def test_replica_sharded_optimizer_moves_the_all_reduce_bytes_as_two_halves():
+def test_optimizer_over_replicas_moves_the_all_reduce_bytes_as_two_halves():
     """Reduce-scatter in backward (each block's half hides like the all-reduce), all-gather after the step."""
     plain = Strategy.mics(1, param_bytes=4)  # fp32 everywhere, so both hops move the same bytes
-    sharded = dataclasses.replace(plain, replica_sharded_optimizer=True)
+    sharded = dataclasses.replace(plain, optimizer_over_replicas=True)
     a, b = (step_time(TOY, SLOW, 2, s, micro_batch=1, accum=4) for s in (plain, sharded))
     half = 0.5 * 4e8 / 1e9  # one block's fp32 gradient (or parameters) over 2 replicas, one pass: 0.2 s
     forward = a.compute / 4 / 3
@@ -474,6 +474,9 @@ def test_bench_runs_cover_every_strategy():
     systems = {c.record["system"] for c in CHECKS}
     assert systems >= {"torchmics", "torchmics-no-two-hop", "torchmics-replica-optimizer", "fsdp2-full", "fsdp2-hsdp", "ddp"}
     assert record_strategy(next(c.record for c in CHECKS if c.record["system"] == "ddp")).two_hop is False
+    earlier = next(c.record for c in CHECKS if c.record["system"] == "torchmics-replica-optimizer")
+    renamed = record_strategy(earlier | {"system": "torchmics-optimizer-over-replicas"})
+    assert record_strategy(earlier) == renamed and renamed.optimizer_over_replicas
 
 
 def test_validation_leaves_the_predicted_run_out(tmp_path):
@@ -557,7 +560,7 @@ def test_auto_knows_every_option_that_changes_memory():
     plain = recommend_partition_size(info, planner_job(cfg, 64, 8), cluster)
     sharded_cfg = dataclasses.replace(cfg, optimizer_over_replicas=True, replica_reduce_dtype="bf16")
     sharded_job = planner_job(sharded_cfg, 64, 8)
-    assert sharded_job.options.replica_sharded_optimizer and sharded_job.options.replica_hop_bytes == 2
+    assert sharded_job.options.optimizer_over_replicas and sharded_job.options.replica_hop_bytes == 2
     sharded = recommend_partition_size(info, sharded_job, cluster)
     assert sharded < plain, (sharded, plain)
 

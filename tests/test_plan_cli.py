@@ -48,7 +48,7 @@ def test_plan_with_beyond_mics_options(capsys):
     """The flags reach the planner: its recommendation is the library's for the same options."""
     argv = ["--model", "1.4b", "--nodes", "2", "--gpus-per-node", "1", "--cluster", "emulated-h100", "--accum", "4"]
     code, out, _ = _run(capsys, "plan", *argv, "--optimizer-over-replicas", "--replica-reduce-dtype", "bf16")
-    options = Strategy("mics", replica_reduce_bytes=2, replica_sharded_optimizer=True)
+    options = Strategy("mics", replica_reduce_bytes=2, optimizer_over_replicas=True)
     cluster = with_gpus_per_node(get_profile("emulated-h100"), 1)
     best = recommend(plan(ModelSpec.from_preset("1.4b"), cluster, 2, micro_batch=4, accum=4, options=options))
     assert code == 0

@@ -110,7 +110,7 @@ class ReplicaShardedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> None:
         state = shard_state(model)
-        if not state.optimizer_across_replicas:
+        if not state.optimizer_over_replicas:
             raise ValueError(
                 "ReplicaShardedOptimizer needs a model sharded with "
                 "torchmics.shard(..., shard_optimizer_across_replicas=True); for a model sharded without it, "

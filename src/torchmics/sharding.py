@@ -61,7 +61,7 @@ class ShardState:
     mixed_precision: MixedPrecision
     units: list[nn.Module]  # the FSDP2 units that communicate, children before parents
     replica: ReplicaAllReduce | None  # set when torchmics, not FSDP2, runs the replica all-reduce
-    optimizer_across_replicas: bool
+    optimizer_over_replicas: bool
     optimizer: object | None = None  # the ReplicaShardedOptimizer, once built
     in_no_replica_sync: bool = False
     offload: bool = False  # sharded parameters and gradients live in host memory
@@ -155,9 +155,9 @@ def shard(
     return model
 
 
-def _check_offload(offload: bool, mixed_precision: MixedPrecision | None, optimizer_across_replicas: bool) -> None:
+def _check_offload(offload: bool, mixed_precision: MixedPrecision | None, optimizer_over_replicas: bool) -> None:
     """torchmics' own replica hop works on the gradients where FSDP2 leaves them: on the CPU under offload."""
-    own_hop = optimizer_across_replicas or (mixed_precision is not None and mixed_precision.replica_reduce_dtype)
+    own_hop = optimizer_over_replicas or (mixed_precision is not None and mixed_precision.replica_reduce_dtype)
     if offload and own_hop:
         raise ValueError(
             "offload=True cannot be combined with shard_optimizer_across_replicas=True or a replica_reduce_dtype: "

@@ -14,7 +14,7 @@ from torchmics.bench.collectives import measure_collectives
 from torchmics.bench.deepspeed_peer import DEEPSPEED_UNAVAILABLE
 from torchmics.bench.report import results_table, write_outputs
 from torchmics.bench.runner import BenchConfig, run_system
-from torchmics.bench.systems import SINGLE_DEVICE_SYSTEMS, SYSTEMS
+from torchmics.bench.systems import RENAMED_SYSTEMS, SINGLE_DEVICE_SYSTEMS, SYSTEMS
 from torchmics.dtypes import TRAINING_DTYPES
 from torchmics.tables import read_jsonl
 from torchmics.topology import validate
@@ -59,7 +59,7 @@ def _systems(args: argparse.Namespace) -> list[str]:
     """The systems asked for (default: every one that fits ``--nproc``), checked before anything runs."""
     if args.systems is None:
         return [s for s in SYSTEMS if args.nproc == 1 or s not in SINGLE_DEVICE_SYSTEMS]
-    systems = args.systems.split(",")
+    systems = [RENAMED_SYSTEMS.get(s, s) for s in args.systems.split(",")]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         why = f" ({DEEPSPEED_UNAVAILABLE})" if DEEPSPEED_UNAVAILABLE and any(s.startswith("deepspeed") for s in unknown) else ""

@@ -96,11 +96,13 @@ def _bf16_all_reduce(group, bucket):  # unannotated: DDP checks the hook's annot
 
 
 SINGLE_DEVICE_SYSTEMS = ("single",)  # run only with --nproc 1
+# Earlier names, still accepted by --systems (and read in committed results by torchmics.plan.records).
+RENAMED_SYSTEMS = {"torchmics-replica-optimizer": "torchmics-optimizer-over-replicas"}
 SYSTEMS: dict[str, Callable[[BenchSpec, nn.Module], Prepared]] = {
     "torchmics": lambda spec, model: _torchmics(spec, model, "auto", two_hop=True),
     "torchmics-flat": lambda spec, model: _torchmics(spec, model, False, two_hop=True),
     "torchmics-no-two-hop": lambda spec, model: _torchmics(spec, model, "auto", two_hop=False),
-    "torchmics-replica-optimizer": lambda spec, model: _torchmics(spec, model, "auto", True, optimizer_over_replicas=True),
+    "torchmics-optimizer-over-replicas": lambda spec, model: _torchmics(spec, model, "auto", True, optimizer_over_replicas=True),
     "fsdp2-full": lambda spec, model: _fsdp2(spec, model, hsdp=False),
     "fsdp2-hsdp": lambda spec, model: _fsdp2(spec, model, hsdp=True),
     "ddp": _ddp,

@@ -86,7 +86,7 @@ PCIE_BYTES_PER_S = 25e9
 def optimizer_time(model: ModelSpec, strategy: Strategy, world: int, cluster: ClusterProfile) -> float:
     """The optimizer step over this GPU's shard: memory-bound, and nothing is left to hide it behind."""
     p = strategy.partition(world, cluster.gpus_per_node)
-    shards = world if strategy.replica_sharded_optimizer else p
+    shards = world if strategy.optimizer_over_replicas else p
     bandwidth = CPU_ADAMW_BYTES_PER_S if strategy.cpu_offload else cluster.hbm_tbps * 1e12
     return ADAMW_BYTES_PER_PARAM * model.num_params / shards / bandwidth
 
@@ -149,7 +149,7 @@ def step_time(
     backward = 2 * forward + (forward if activation_checkpointing else 0.0)
     layers = model.n_layer
 
-    replica_passes = 1 if strategy.replica_sharded_optimizer else 2  # a reduce-scatter, or an all-reduce
+    replica_passes = 1 if strategy.optimizer_over_replicas else 2  # a reduce-scatter, or an all-reduce
 
     def collectives(params: int) -> tuple[float, float, float]:
         """(all-gather, reduce-scatter, replica hop in backward) seconds of one unit of ``params``."""
@@ -162,7 +162,7 @@ def step_time(
     ag_root, rs_root, ar_root = collectives(model.embedding_params)
     # The replica-sharded optimizer all-gathers the updated parameters after its step: nothing hides it.
     regather = replica_all_reduce_time(model.num_params * strategy.param_bytes / p, world, p, cluster, 1) \
-        if strategy.replica_sharded_optimizer else 0.0
+        if strategy.optimizer_over_replicas else 0.0
 
     def micro_step(synced: bool) -> float:
         forward_time = ag_root + pipelined(layers, ag, forward / layers)

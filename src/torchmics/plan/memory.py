@@ -87,7 +87,7 @@ def estimate_memory(
     """Peak bytes per GPU for ``strategy`` on ``world_size`` GPUs (``gpus_per_node`` per node)."""
     p = strategy.partition(world_size, gpus_per_node)
     n = model.num_params
-    optimizer_shards = world_size if strategy.replica_sharded_optimizer else p
+    optimizer_shards = world_size if strategy.optimizer_over_replicas else p
     activations = activation_bytes(model, micro_batch, activation_checkpointing, flash_attention)
     activations = activations * strategy.param_bytes / 2  # the formula counts 16-bit activations
     if _computes_under_autocast(strategy):  # fp32 residual: 2 more bytes per layer-norm input / kept input
@@ -138,7 +138,7 @@ def estimate_host_memory(
     if not strategy.cpu_offload:
         return HostMemoryEstimate(init=baseline_bytes, training=baseline_bytes)
     p = strategy.partition(world_size, gpus_per_node)
-    optimizer_shards = world_size if strategy.replica_sharded_optimizer else p
+    optimizer_shards = world_size if strategy.optimizer_over_replicas else p
     params = MASTER_BYTES * model.num_params / p
     states = params + MASTER_BYTES * model.num_params / p + ADAM_BYTES * model.num_params / optimizer_shards
     return HostMemoryEstimate(init=baseline_bytes + params, training=baseline_bytes + states)

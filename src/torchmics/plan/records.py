@@ -46,8 +46,8 @@ def record_strategy(record: Record) -> Strategy:
     if system in ("torchmics", "torchmics-flat", "torchmics-no-two-hop", "fsdp2-hsdp"):
         hierarchical = system in ("torchmics", "torchmics-no-two-hop")
         return Strategy.mics(p, hierarchical=hierarchical, two_hop=system != "torchmics-no-two-hop", **precision)
-    if system == "torchmics-replica-optimizer":
-        return Strategy.mics(p, replica_sharded_optimizer=True, **precision)
+    if system in ("torchmics-optimizer-over-replicas", "torchmics-replica-optimizer"):  # the second: its earlier name
+        return Strategy.mics(p, optimizer_over_replicas=True, **precision)
     raise ValueError(f"no planner strategy for benchmarked system {system!r}")
 
 

@@ -27,7 +27,7 @@ class Strategy:
     the replication all-reduce runs once per step instead of every micro-step (MiCS's two-hop sync; also
     how DDP's ``no_sync`` is usually used). ``param_bytes`` is the dtype of gathered units and compute,
     ``reduce_bytes`` that of gradient collectives, ``replica_reduce_bytes`` that of the replica hop
-    alone (precision per hop; ``None``: ``reduce_bytes``). ``replica_sharded_optimizer`` additionally
+    alone (precision per hop; ``None``: ``reduce_bytes``). ``optimizer_over_replicas`` additionally
     shards the optimizer states across replicas (W / P ways), which MiCS itself does not do: the
     replica hop becomes a reduce-scatter in backward and an all-gather of updated parameters (in
     ``param_bytes``) after the optimizer step. ``cpu_offload`` keeps the sharded parameters, gradients
@@ -41,7 +41,7 @@ class Strategy:
     param_bytes: int = 2
     reduce_bytes: int = 4
     replica_reduce_bytes: int | None = None
-    replica_sharded_optimizer: bool = False
+    optimizer_over_replicas: bool = False
     cpu_offload: bool = False
 
     @property
@@ -102,5 +102,5 @@ def options(
                          "torchmics runs those replica hops on the gradient shards, which offloading keeps in host memory")
     replica = DTYPES[replica_reduce_dtype].itemsize if replica_reduce_dtype else None
     return Strategy("mics", param_bytes=DTYPES[param_dtype].itemsize, reduce_bytes=DTYPES[reduce_dtype].itemsize,
-                    replica_reduce_bytes=replica, replica_sharded_optimizer=optimizer_over_replicas,
+                    replica_reduce_bytes=replica, optimizer_over_replicas=optimizer_over_replicas,
                     cpu_offload=cpu_offload)
