@@ -29,16 +29,16 @@ def test_oldest_torch_is_the_one_pyproject_requires():
     assert _fsdp.check_torch_version(torch.__version__) is None  # the torch under test is a tested one
 
 
-@pytest.mark.parametrize("version", ["2.9.0", "2.9.1+cpu", "2.10.0a0+git1234", "2.13.0", "2.13.2+cu128"])
+@pytest.mark.parametrize("version", ["2.10.0", "2.10.1+cpu", "2.11.0a0+git1234", "2.13.0", "2.13.2+cu128"])
 def test_tested_releases_pass(version, monkeypatch):
     monkeypatch.delenv(_fsdp.ALLOW_UNTESTED_ENV, raising=False)
     _fsdp.check_torch_version(version)
 
 
-@pytest.mark.parametrize("version", ["2.8.1", "2.14.0", "3.0.0", "nightly"])
+@pytest.mark.parametrize("version", ["2.9.0", "2.14.0", "3.0.0", "nightly"])
 def test_an_untested_release_is_refused_unless_asked_for(version, monkeypatch):
     monkeypatch.delenv(_fsdp.ALLOW_UNTESTED_ENV, raising=False)
-    with pytest.raises(ImportError, match=rf"tested on torch 2\.9 to 2\.13, but this is torch {re.escape(version)}"):
+    with pytest.raises(ImportError, match=rf"tested on torch 2\.10 to 2\.13, but this is torch {re.escape(version)}"):
         _fsdp.check_torch_version(version)
     monkeypatch.setenv(_fsdp.ALLOW_UNTESTED_ENV, "1")
     _fsdp.check_torch_version(version)

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-OLDEST_TORCH = (2, 9)  # pyproject.toml's "torch>=2.9" (tests/test_fsdp.py checks that they agree)
+OLDEST_TORCH = (2, 10)  # pyproject.toml's "torch>=2.10" (tests/test_fsdp.py checks that they agree)
 NEWEST_TESTED_TORCH = (2, 13)
 ALLOW_UNTESTED_ENV = "TORCHMICS_ALLOW_UNTESTED_TORCH"
 
@@ -45,7 +45,7 @@ class UntestedTorchError(ImportError):
 
 
 def tested_range() -> str:
-    """The torch releases torchmics was tested on, as a reader writes them: ``2.9 to 2.13``."""
+    """The torch releases torchmics was tested on, as a reader writes them: ``2.10 to 2.13``."""
     return f"{'.'.join(map(str, OLDEST_TORCH))} to {'.'.join(map(str, NEWEST_TESTED_TORCH))}"
 
 
