@@ -68,9 +68,7 @@ def init_weights(model: nn.Module, seed: int | None = None) -> None:
         for p in params.values():
             _poison(p)
         _run_initializers(model, modules, seed, next(iter(params.values())).device if params else None)
-        for path, module in modules:
-            for name, p in module.named_parameters(recurse=False):
-                _check_written(p, path, name, module)
+        _check_written(modules)
 
 
 def materialize(
@@ -163,9 +161,7 @@ def _initialize_group(model: nn.Module, group: list[tuple[str, nn.Module]], devi
         with torch.no_grad():
             _run_initializers(model, group, seed, device)
             _refuse_writes_outside(outside, versions, group)
-            for path, module in group:
-                for name, p in module.named_parameters(recurse=False):
-                    _check_written(p, path, name, module)
+            _check_written(group)
             for key, p in sharded.items():
                 local = distribute_tensor(full[key].data, p.device_mesh, p.placements, src_data_rank=None)
                 p.to_local().copy_(local.to_local())
@@ -241,12 +237,14 @@ def _poison(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _check_written(p: torch.Tensor, path: str, name: str, module: nn.Module) -> None:
-    if p.is_floating_point() and torch.isnan(p).any():
-        where = f"{path}.{name}" if path else name
-        raise ValueError(
-            f"parameter {where} ({type(module).__name__}) is not set by any initializer: its module has no "
-            "reset_parameters() and the model no _init_weights(module) covering it. Give the model an "
-            "`_init_weights(self, module)` method (as Hugging Face models have), or build it on a real "
-            "device and pass it to shard() already initialized."
-        )
+def _check_written(modules: list[tuple[str, nn.Module]]) -> None:
+    """Raise naming the first parameter of ``modules`` still NaN after every rule ran (see :func:`_poison`)."""
+    for path, module in modules:
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and torch.isnan(p).any():
+                raise ValueError(
+                    f"parameter {f'{path}.{name}' if path else name} ({type(module).__name__}) is not set by any "
+                    "initializer: its module has no reset_parameters() and the model no _init_weights(module) "
+                    "covering it. Give the model an `_init_weights(self, module)` method (as Hugging Face models "
+                    "have), or build it on a real device and pass it to shard() already initialized."
+                )

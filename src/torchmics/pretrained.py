@@ -139,18 +139,19 @@ def _castable(stored: str, dtype: torch.dtype) -> bool:
 def _read_owned_slices(targets: dict[str, torch.Tensor], pretrained: Pretrained) -> None:
     """Copy into each local shard the rows of its file that this rank owns (each tensor once)."""
     done: set[int] = set()
-    by_file: dict[str, list[str]] = {}
+    by_file: dict[str, list[tuple[str, str]]] = {}  # file -> (model name, folder name)
     for name in targets:
-        by_file.setdefault(pretrained.files[_source_name(name, targets, pretrained)], []).append(name)
+        source = _source_name(name, targets, pretrained)
+        by_file.setdefault(pretrained.files[source], []).append((name, source))
     with torch.no_grad():
         for path, names in by_file.items():
             with safe_open(path, framework="pt") as f:
-                for name in names:
+                for name, source in names:
                     tensor = targets[name]
                     if id(tensor) in done:
                         continue
                     done.add(id(tensor))
-                    stored = f.get_slice(_source_name(name, targets, pretrained))
+                    stored = f.get_slice(source)
                     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
                     local.copy_(stored[_owned_index(tensor)].to(local.dtype))
 
