@@ -15,7 +15,7 @@ import torch.nn as nn
 import torchmics
 from torchmics._fsdp import checkpoint_wrapper
 from torchmics.models import build_model
-from torchmics.models.gpt import GPT, ModelInfo
+from torchmics.models.gpt import GPT, ModelInfo, hf_config_file
 from torchmics.pretrained import has_pretrained_weights, mismatches, read_pretrained
 from torchmics.dtypes import DTYPES
 from torchmics.topology import Topology
@@ -33,8 +33,7 @@ def pretrained_folder(cfg: TrainConfig) -> str | None:
     """The folder whose weights the run starts from: ``--model hf:DIR`` holding safetensors, unless ``--random-init``."""
     if not cfg.model.startswith("hf:") or cfg.random_init:
         return None
-    path = cfg.model.removeprefix("hf:")
-    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    folder = os.path.dirname(hf_config_file(cfg.model)) or "."
     return folder if has_pretrained_weights(folder) else None
 
 
