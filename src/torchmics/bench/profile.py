@@ -29,7 +29,7 @@ def profile_step(run_step: Callable[[], None], out_prefix: Path) -> dict:
         wall = time.perf_counter() - began
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    out_prefix.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30))
+    out_prefix.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=80))
     prof.export_chrome_trace(str(out_prefix.with_suffix(".json.gz")))
     summary = {"profiled_step_s": wall}
     if cuda:
