@@ -10,13 +10,15 @@ a slow inter-node network. On CPU (gloo) emulation only changes the topology tor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import socket
+import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,32 @@ def show_warnings_as_lines(prog: str, debug: bool = False) -> None:
         warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {' '.join(str(message).split())}\n"
 
 
+@contextlib.contextmanager
+def native_output_to(log: Path) -> Iterator[None]:
+    """Send what native code (c10d, gloo, NCCL) writes to stderr into ``log``; Python's own stderr stays.
+
+    A spawned worker shares the launcher's terminal, where the command promises one line per failure;
+    c10d's connect retries and gloo's teardown notices would interleave with it, from every rank. Python
+    writes (warnings, which torchmics words for users) keep going to the terminal through a duplicate of
+    the original descriptor. ``log`` is removed when nothing was written to it.
+    """
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    with open(log, "ab") as native:
+        os.dup2(native.fileno(), 2)
+    previous = sys.stderr
+    sys.stderr = open(terminal, "w", buffering=1, encoding=previous.encoding, errors=previous.errors)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        sys.stderr.close()
+        sys.stderr = previous
+        if log.is_file() and log.stat().st_size == 0:
+            log.unlink()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -144,22 +172,26 @@ def run_rank(fn: Callable[..., Any], *args: Any) -> Any:
             dist.destroy_process_group()
 
 
-def _worker(rank: int, launch: LocalLaunch, port: int, fn: Callable[..., Any], args: tuple) -> None:
+def _worker(rank: int, launch: LocalLaunch, port: int, native_logs: Callable[[int], Path] | None,
+            fn: Callable[..., Any], args: tuple) -> None:
     os.environ.update(launch.rank_env(rank, port))
-    run_rank(fn, *args)
+    with native_output_to(native_logs(rank)) if native_logs else contextlib.nullcontext():
+        run_rank(fn, *args)
 
 
-def spawn(fn: Callable[..., Any], launch: LocalLaunch, *args: Any, timeout_s: float | None = None) -> None:
+def spawn(fn: Callable[..., Any], launch: LocalLaunch, *args: Any, timeout_s: float | None = None,
+          native_logs: Callable[[int], Path] | None = None) -> None:
     """Run ``fn(*args)`` in ``launch.nprocs`` fresh processes and wait for all of them.
 
     If any rank raises, the others are terminated and the failing rank's traceback is re-raised here
     (``torch.multiprocessing.ProcessRaisedException``), so a crash never turns into a hang. With
-    ``timeout_s`` a run that has not finished in time is terminated with ``TimeoutError``.
+    ``timeout_s`` a run that has not finished in time is terminated with ``TimeoutError``. With
+    ``native_logs``, rank ``r``'s native stderr goes to ``native_logs(r)`` (:func:`native_output_to`).
     """
     port = free_port()
     # One line per failure: stopping the other workers is what follows any failure, not news.
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
-    context = mp.start_processes(_worker, args=(launch, port, fn, args), nprocs=launch.nprocs, join=False, start_method="spawn")
+    context = mp.start_processes(_worker, args=(launch, port, native_logs, fn, args), nprocs=launch.nprocs, join=False, start_method="spawn")
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not context.join(timeout=1.0):
         if deadline is not None and time.monotonic() > deadline:

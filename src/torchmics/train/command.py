@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -184,7 +185,8 @@ def run(args: argparse.Namespace) -> None:
             if launch is None:
                 run_rank(_train_rank, cfg, args.debug)
             else:
-                spawn(_train_rank, launch, cfg, args.debug)
+                logs = None if args.debug else functools.partial(run_folder.native_log, cfg.out)
+                spawn(_train_rank, launch, cfg, args.debug, native_logs=logs)
         except ProcessRaisedException as err:
             raise WorkerFailed(err.error_index, err.msg, _written(run_folder.error_log(cfg.out, err.error_index))) from None
         except Exception as err:  # under torchrun: this process is the rank

@@ -82,6 +82,11 @@ def error_log(out: str, rank: int) -> Path:
     return Path(out) / f"error-rank{rank}.log"
 
 
+def native_log(out: str, rank: int) -> Path:
+    """Where a spawned rank's native libraries (c10d, gloo, NCCL) write, instead of the terminal."""
+    return Path(out) / f"native-rank{rank}.log"
+
+
 @contextlib.contextmanager
 def hold(out: str) -> Iterator[bool]:
     """Hold ``out`` (created if needed) for this job, for the ``with`` block.

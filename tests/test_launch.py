@@ -1,0 +1,33 @@
+"""Spawned workers: native libraries' stderr goes to per-rank files, Python's to the terminal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_native_stderr_goes_to_the_rank_log_and_python_warnings_to_the_terminal(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(f"""
+        import ctypes, os, warnings
+        from pathlib import Path
+        from torchmics.launch import LocalLaunch, spawn
+
+        def work():
+            rank = os.environ["RANK"]
+            ctypes.CDLL(None).dprintf(2, b"native chatter from rank %s\\n", rank.encode())  # as c10d writes
+            warnings.warn(f"a warning for users from rank {{rank}}")
+
+        def log(rank):
+            return Path({str(tmp_path)!r}) / f"native-{{rank}}.log"
+
+        if __name__ == "__main__":
+            spawn(work, LocalLaunch(2), native_logs=log)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "native chatter" not in result.stderr
+    assert "a warning for users from rank 0" in result.stderr and "a warning for users from rank 1" in result.stderr
+    for rank in (0, 1):
+        assert (tmp_path / f"native-{rank}.log").read_text() == f"native chatter from rank {rank}\n"
