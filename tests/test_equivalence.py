@@ -74,6 +74,7 @@ def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batc
     return {
         "losses": [loss.item() / world for loss in losses],
         "state": torchmics.full_state_dict(model),
+        "local_shards": {name: p.to_local().clone() for name, p in model.named_parameters()},
         "traffic": dict(traffic),
         "replica_all_reduces": replica_all_reduces,
         "replica_reduce_scatters": replica_reduce_scatters,

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from torchmics._fsdp import ALL_GATHER, REDUCE_SCATTER
 
-COLLECTIVES = {"all_gather_single": ALL_GATHER, "reduce_scatter_single": REDUCE_SCATTER, "all_reduce": "all_reduce"}
+COLLECTIVES = {"all_gather_single": ALL_GATHER, "reduce_scatter_single": REDUCE_SCATTER, "all_reduce": "all_reduce",
+               "all_to_all_single": "all_to_all_single"}
 
 
 @contextlib.contextmanager

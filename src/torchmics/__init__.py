@@ -13,12 +13,14 @@ from torchmics.export import export_checkpoint, export_model
 from torchmics.materialize import init_weights, meta_init
 from torchmics.optim import ReplicaShardedOptimizer
 from torchmics.pretrained import load_pretrained
+from torchmics.quantized import Quantized
 from torchmics.sharding import MixedPrecision, clip_grad_norm_, no_replica_sync, shard
 from torchmics.topology import Topology, init_mesh, plan_topology
 
 __all__ = [
     "DamagedCheckpointError",
     "MixedPrecision",
+    "Quantized",
     "ReplicaShardedOptimizer",
     "Topology",
     "checkpoint_path",

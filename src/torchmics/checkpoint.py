@@ -11,6 +11,7 @@ shard a rank now owns). Layout of a run directory::
         .metadata             DCP's index: global shape of every tensor, where each chunk lives
         __<r>_0.distcp        rank r's shards of the model and optimizer states
         rng/rank<r>.pt        rank r's random number generator states
+        residuals/rank<r>.pt  rank r's error-feedback residuals, under a quantized replica hop
         hf_config.json        the Hugging Face config of an HF model (torchmics.hf_config), for export
         torchmics.json        step, extra, topology, torch version, tensor shapes, and the size and
                               CRC-32 of every other file (checkpoint_integrity.py); written last
@@ -57,7 +58,7 @@ from torchmics.checkpoint_integrity import DamagedCheckpointError, FileRecords, 
 from torchmics.hf_config import HFConfig, model_config_text
 from torchmics.optim import ReplicaShardedOptimizer
 from torchmics.sharding import shard_state, topology_of
-from torchmics.topology import Topology
+from torchmics.topology import Topology, current_device
 
 METADATA_FILE = "torchmics.json"
 LATEST_FILE = "latest"
@@ -126,7 +127,7 @@ def save_checkpoint(
     with _ordinary_error(f"saving checkpoint {path}", unchanged):
         dcp.save(state, storage_writer=writer)
     # Gathering every rank's records also means every rank's files are on disk before publishing.
-    files = _on_every_rank(lambda: _save_rng(temp) or _record_own_files(temp, writer.written))
+    files = _on_every_rank(lambda: _save_per_rank(temp, model) or _record_own_files(temp, writer.written))
     metadata = _metadata(step, extra, topology, state[MODEL_KEY]) | {"files": _merged(files)}
     on_rank0(lambda: _publish(temp, path, metadata, config, keep, protect))
 
@@ -146,7 +147,7 @@ class _RecordingWriter(FileSystemWriter):
 
 def _record_own_files(temp: str, written: list[str]) -> FileRecords:
     """Sizes and checksums of this rank's shard files and RNG file (and DCP's index, on rank 0)."""
-    own = [*written, os.path.relpath(_rng_file(temp), temp)]
+    own = [*written, *(os.path.relpath(f, temp) for f in (_rng_file(temp), _residual_file(temp)) if os.path.exists(f))]
     return record_files(temp, own + [_DCP_INDEX] if dist.get_rank() == 0 else own)
 
 
@@ -185,6 +186,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
             "model and optimizer are restored, random number generators are not (they are per rank).",
             stacklevel=2,
         )
+    _load_residuals(path, model, metadata)
     return {"step": metadata["step"], "extra": metadata["extra"]}
 
 
@@ -497,7 +499,41 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(temp, path)
 
 
-# ---- RNG -----------------------------------------------------------------------------------------
+# ---- per-rank state: RNG, error-feedback residuals --------------------------------------------------
+
+
+def _save_per_rank(checkpoint: str, model: nn.Module) -> None:
+    _save_rng(checkpoint)
+    hop = shard_state(model).quantized_hop
+    if hop is not None and hop.format.error_feedback:
+        os.makedirs(os.path.dirname(_residual_file(checkpoint)), exist_ok=True)
+        torch.save({"format": hop.format.name, "block_size": hop.format.block_size, **hop.state_dict()},
+                   _residual_file(checkpoint))
+
+
+def _residual_file(checkpoint: str) -> str:
+    return os.path.join(checkpoint, "residuals", f"rank{dist.get_rank()}.pt")
+
+
+def _load_residuals(checkpoint: str, model: nn.Module, metadata: dict[str, Any]) -> None:
+    """Restore this rank's residuals where they mean the same thing: same topology and format.
+
+    A residual is what one rank's contributions to its replicas' chunks still owe; on another world
+    size, partition size or block size the chunks are other ones, so the residuals start from zero,
+    which drops at most one step's rounding (the error a run without feedback makes every step).
+    """
+    hop = shard_state(model).quantized_hop
+    if hop is None or not hop.format.error_feedback or not os.path.exists(_residual_file(checkpoint)):
+        return
+    saved = torch.load(_residual_file(checkpoint), weights_only=True)
+    topology = topology_of(model)
+    same = (metadata["world_size"], metadata["partition_size"], saved["format"], saved["block_size"]) == (
+        topology.world_size, topology.partition_size, hop.format.name, hop.format.block_size)
+    if same:
+        hop.load_state_dict(saved, current_device())
+    elif dist.get_rank() == 0:
+        warnings.warn(f"{checkpoint} holds error-feedback residuals of another topology or replica-hop format: "
+                      "they start from zero (at most one step's quantization error is dropped).", stacklevel=3)
 
 
 def _rng_file(checkpoint: str) -> str:

@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from torchmics._fsdp import all_gather_single, reduce_scatter_single
+from torchmics.quantized import QuantizedReplicaHop, aligned_chunk
 from torchmics.replica import ReplicaHop, pack, units_of_params
 from torchmics.sharding import shard_state
 
@@ -50,10 +51,10 @@ class _UnitSlices:
     slices: list[nn.Parameter]
 
     @classmethod
-    def build(cls, params: list[DTensor], replicas: int, index: int) -> _UnitSlices:
+    def build(cls, params: list[DTensor], replicas: int, index: int, align: int) -> _UnitSlices:
         flats = [p.to_local().detach().view(-1) for p in params]
         starts = [sum(f.numel() for f in flats[:i]) for i in range(len(flats))]
-        chunk = max(1, math.ceil(sum(f.numel() for f in flats) / replicas))
+        chunk = aligned_chunk(sum(f.numel() for f in flats), replicas, align)
         owned, in_chunk = [], []
         for flat, start in zip(flats, starts):
             low = index * chunk - start  # where this rank's chunk begins, in the parameter's coordinates
@@ -123,8 +124,11 @@ class ReplicaShardedOptimizer(torch.optim.Optimizer):
         self.replicas, index = self.group.size(), self.group.rank()
         self.wire_dtype = state.mixed_precision.replica_hop_dtype
         self.compute_dtype = state.mixed_precision.param_dtype
+        compressed = state.mixed_precision.quantized_replica_hop
+        self.quantized = QuantizedReplicaHop(compressed, self.group) if compressed else None
+        align = compressed.block_size if compressed else 1  # a quantized block has one owner
         params_per_unit = units_of_params(state.units)
-        self.units = [_UnitSlices.build(params, self.replicas, index) for params in params_per_unit]
+        self.units = [_UnitSlices.build(params, self.replicas, index, align) for params in params_per_unit]
         self._name_of = {id(p): name for name, p in model.named_parameters()}
         self.names = [self._name_of[id(p)] for unit in self.units for p in unit.params]
         self.slices = [s for unit in self.units for s in unit.slices]
@@ -177,9 +181,12 @@ class ReplicaShardedOptimizer(torch.optim.Optimizer):
 
     def _reduce_scatter(self, u: int) -> None:
         with self._hop.side_stream():
-            send = self.units[u].pack_gradients(self.wire_dtype or self.slices[0].dtype, self.replicas)
-            mine = torch.empty(self.units[u].chunk, dtype=send.dtype, device=send.device)
-            reduce_scatter_single(mine, send, op=dist.ReduceOp.AVG, group=self.group)
+            if self.quantized is not None:
+                mine = self.quantized.reduce_scatter(u, self.units[u].pack_gradients(torch.float32, self.replicas))
+            else:
+                send = self.units[u].pack_gradients(self.wire_dtype or self.slices[0].dtype, self.replicas)
+                mine = torch.empty(self.units[u].chunk, dtype=send.dtype, device=send.device)
+                reduce_scatter_single(mine, send, op=dist.ReduceOp.AVG, group=self.group)
         self._pending[u] = mine
 
     @torch.no_grad()

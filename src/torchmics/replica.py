@@ -32,6 +32,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from torchmics import _fsdp
+from torchmics.quantized import Quantized, QuantizedReplicaHop, aligned_chunk
 
 
 def units_of_params(units: list[nn.Module]) -> list[list[DTensor]]:
@@ -181,12 +182,23 @@ def pack(tensors: list[torch.Tensor], numel: int, dtype: torch.dtype) -> torch.T
     return flat
 
 
-class ReplicaAllReduce:
-    """All-reduce (mean) each unit's gradients over the replication group in ``dtype``: precision per hop."""
+def unpack(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy the start of ``flat`` back into ``tensors``, end to end: the inverse of :func:`pack`."""
+    sizes = [t.numel() for t in tensors]
+    torch._foreach_copy_([t.view(-1) for t in tensors], list(flat[: sum(sizes)].split(sizes)))
 
-    def __init__(self, units: list[nn.Module], group: dist.ProcessGroup, dtype: torch.dtype,
+
+class ReplicaAllReduce:
+    """All-reduce (mean) each unit's gradients over the replication group in ``dtype``: precision per hop.
+
+    A :class:`~torchmics.quantized.Quantized` format runs the all-reduce as a quantized
+    reduce-scatter and all-gather instead (:class:`~torchmics.quantized.QuantizedReplicaHop`).
+    """
+
+    def __init__(self, units: list[nn.Module], group: dist.ProcessGroup, dtype: torch.dtype | Quantized,
                  deferred: Callable[[], bool], root: nn.Module) -> None:
         self.group, self.dtype = group, dtype
+        self.quantized = QuantizedReplicaHop(dtype, group) if isinstance(dtype, Quantized) else None
         self.hop = ReplicaHop(units_of_params(units), self._all_reduce, deferred, root)
 
     def _all_reduce(self, u: int) -> None:
@@ -194,6 +206,18 @@ class ReplicaAllReduce:
         if not grads:
             return
         with self.hop.side_stream():
-            wire = pack(grads, sum(g.numel() for g in grads), self.dtype)
-            dist.all_reduce(wire, op=dist.ReduceOp.AVG, group=self.group)
-            torch._foreach_copy_([g.view(-1) for g in grads], list(wire.split([g.numel() for g in grads])))
+            if self.quantized is None:
+                wire = pack(grads, sum(g.numel() for g in grads), self.dtype)
+                dist.all_reduce(wire, op=dist.ReduceOp.AVG, group=self.group)
+                unpack(wire, grads)
+            else:
+                self._quantized_all_reduce(u)
+
+    def _quantized_all_reduce(self, u: int) -> None:
+        """The unit's gradients in place; a parameter without one sends zeros, so the residuals keep one layout."""
+        q = self.quantized
+        params = self.hop.params_per_unit[u]
+        local = [p.grad.to_local() if p.grad is not None else torch.zeros_like(p.to_local()) for p in params]
+        numel = sum(t.numel() for t in local)
+        wire = pack(local, q.replicas * aligned_chunk(numel, q.replicas, q.format.block_size), torch.float32)
+        unpack(q.all_gather(u, q.reduce_scatter(u, wire)), local)

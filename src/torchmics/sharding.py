@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from torchmics.collectives import HierarchicalAllGather, HierarchicalReduceScatter
 from torchmics.materialize import materialize
+from torchmics.quantized import Quantized, QuantizedReplicaHop
 from torchmics.replica import ReplicaAllReduce
 from torchmics.topology import Topology, current_device
 from torchmics.wrapping import resolve_units
@@ -37,17 +38,25 @@ class MixedPrecision:
     stays in its original dtype for the optimizer). ``reduce_dtype`` is the dtype gradients are
     reduced in inside the partition group; ``None`` means ``param_dtype``. ``replica_reduce_dtype``,
     when set, is the dtype of the replica hop (precision per hop, e.g. fp32 on NVLink and bf16
-    across nodes; see :mod:`torchmics.replica`); ``None`` uses the partition hop's dtype.
+    across nodes; see :mod:`torchmics.replica`), or a compressed format
+    (:class:`torchmics.Quantized`: int8 or fp8 blocks with error feedback); ``None`` uses the
+    partition hop's dtype.
     """
 
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
-    replica_reduce_dtype: torch.dtype | None = None
+    replica_reduce_dtype: torch.dtype | Quantized | None = None
 
     @property
     def replica_hop_dtype(self) -> torch.dtype | None:
-        """The dtype gradients cross the replication group in; ``None``: the gradients' own dtype."""
+        """The dtype gradients cross the replication group in, uncompressed; ``None``: the gradients' own dtype."""
+        if isinstance(self.replica_reduce_dtype, Quantized):
+            return None
         return self.replica_reduce_dtype or self.reduce_dtype or self.param_dtype
+
+    @property
+    def quantized_replica_hop(self) -> Quantized | None:
+        return self.replica_reduce_dtype if isinstance(self.replica_reduce_dtype, Quantized) else None
 
     def to_fsdp(self) -> MixedPrecisionPolicy:
         return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
@@ -65,6 +74,12 @@ class ShardState:
     optimizer: object | None = None  # the ReplicaShardedOptimizer, once built
     in_no_replica_sync: bool = False
     offload: bool = False  # sharded parameters and gradients live in host memory
+
+    @property
+    def quantized_hop(self) -> QuantizedReplicaHop | None:
+        """The compressed replica hop and its residuals, once the collective that runs it exists."""
+        owner = self.optimizer if self.optimizer_over_replicas else self.replica
+        return getattr(owner, "quantized", None)
 
 
 def shard_state(model: nn.Module) -> ShardState:
