@@ -222,6 +222,8 @@ BAD_INPUTS = {  # case: (flags given a temporary folder, what the error must say
     ),
     "nodes not dividing ranks": (lambda d: ["--nproc", "4", "--emulate-nodes", "3"], "cannot split 4 processes into 3"),
     "eval every 0": (lambda d: ["--eval-every", "0"], "--eval-every must be >= 1"),
+    "error feedback off, nothing quantized": (lambda d: ["--no-error-feedback"],
+                                              "--no-error-feedback applies to a quantized replica hop only"),
     "resume from no checkpoint": (lambda d: ["--resume", str(d)], "is not a complete checkpoint"),
 }
 

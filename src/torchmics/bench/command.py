@@ -15,7 +15,7 @@ from torchmics.bench.deepspeed_peer import DEEPSPEED_UNAVAILABLE
 from torchmics.bench.report import results_table, write_outputs
 from torchmics.bench.runner import BenchConfig, run_system
 from torchmics.bench.systems import RENAMED_SYSTEMS, SINGLE_DEVICE_SYSTEMS, SYSTEMS
-from torchmics.dtypes import TRAINING_DTYPES
+from torchmics.dtypes import REPLICA_HOP_FORMATS, TRAINING_DTYPES
 from torchmics.tables import read_jsonl
 from torchmics.topology import validate
 from torchmics.launch import LocalLaunch, spawn
@@ -40,8 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3 if ON_GPU else 1, help="untimed steps first")
     p.add_argument("--reduce-dtype", choices=TRAINING_DTYPES, default="bf16")
     p.add_argument("--param-dtype", choices=TRAINING_DTYPES, default="bf16" if ON_GPU else "fp32")
-    p.add_argument("--replica-reduce-dtype", choices=TRAINING_DTYPES, default=None,
-                   help="torchmics systems: dtype of the replica hop (precision per hop); default: --reduce-dtype")
+    p.add_argument("--replica-reduce-dtype", choices=REPLICA_HOP_FORMATS, default=None,
+                   help="torchmics systems: format of the replica hop (precision per hop; int8 / fp8: quantized "
+                   "blocks with error feedback); default: --reduce-dtype")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every unit (blocks) of every system, and the loss (fused cross-entropy)")
     p.add_argument("--grad-clip", type=float, default=None,

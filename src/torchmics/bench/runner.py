@@ -25,7 +25,7 @@ from torchmics.bench.profile import profile_step
 from torchmics.bench.spec import LEARNING_RATE, BenchSpec
 from torchmics.bench.systems import SYSTEMS
 from torchmics.models import build_model, causal_lm_loss, logits_of
-from torchmics.dtypes import DTYPES
+from torchmics.dtypes import DTYPES, replica_hop_format
 from torchmics.topology import current_device, ensure_process_group
 from torchmics.wrapping import compile_units
 from torchmics.launch import LocalLaunch, spawn
@@ -56,7 +56,7 @@ def _partition_for(system: str, partition_size: int, world: int) -> int:
 def _measure(cfg: BenchConfig, system: str, partition_size: int, out_file: str) -> None:
     """Runs on every rank; rank 0 writes the measured record to ``out_file``."""
     world = int(os.environ["WORLD_SIZE"])
-    replica_dtype = DTYPES.get(cfg.replica_reduce_dtype)
+    replica_dtype = replica_hop_format(cfg.replica_reduce_dtype)
     spec = BenchSpec(system, partition_size, world // cfg.nodes, DTYPES[cfg.reduce_dtype], DTYPES[cfg.param_dtype], replica_dtype)
     ensure_process_group()
     cuda = torch.cuda.is_available()

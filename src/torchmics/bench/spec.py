@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from torchmics.quantized import Quantized
+
 LEARNING_RATE = 1e-4
 SEED = 0  # every system starts from the same weights (torchmics.materialize: the same seed, the same model)
 
@@ -26,7 +28,7 @@ class BenchSpec:
     gpus_per_node: int
     reduce_dtype: torch.dtype
     param_dtype: torch.dtype
-    replica_reduce_dtype: torch.dtype | None = None  # precision per hop (torchmics only)
+    replica_reduce_dtype: torch.dtype | Quantized | None = None  # precision per hop (torchmics only)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from torchmics.dtypes import DTYPES
+from torchmics.dtypes import DTYPES, REPLICA_HOP_FORMATS
 from torchmics.plan.calibrate import calibrate
 from torchmics.plan.cluster import ClusterProfile, get_profile, with_gpus_per_node
 from torchmics.plan.model_spec import ModelSpec
@@ -75,8 +75,9 @@ def _add_common(p: argparse.ArgumentParser, default_cluster: str) -> None:
     train.add_argument("--activation-checkpointing", action="store_true")
     train.add_argument("--param-dtype", choices=tuple(DTYPES), default="bf16")
     train.add_argument("--reduce-dtype", choices=tuple(DTYPES), default="fp32")
-    train.add_argument("--replica-reduce-dtype", choices=tuple(DTYPES), default=None,
-                       help="dtype of the replica hop alone (precision per hop); default: --reduce-dtype")
+    train.add_argument("--replica-reduce-dtype", choices=REPLICA_HOP_FORMATS, default=None,
+                       help="format of the replica hop alone (precision per hop; int8 / fp8: quantized blocks "
+                       "with error feedback); default: --reduce-dtype")
     train.add_argument("--optimizer-over-replicas", action="store_true",
                        help="shard optimizer states across replicas too (torchmics.ReplicaShardedOptimizer)")
     train.add_argument("--cpu-offload", action="store_true",

@@ -28,6 +28,8 @@ still held; the estimate follows FSDP2 with mixed precision and ``zero_grad(set_
   inter-node buffer of ``1/G`` of the unsharded unit and an intra-node one of the whole unit in
   ``param_bytes``, the reduce-scatter the same two in ``reduce_bytes``; the units are the blocks and the
   root (what lies outside them), so ``(1 + 1/G) * (block + root) * (param_bytes + reduce_bytes)``;
+* a quantized replica hop with error feedback keeps fp32 residuals: one gradient shard's worth
+  (``4 * n / P``), plus ``4 * n / W`` for the re-quantized chunk each rank owns under the plain optimizer;
 * a fixed ``overhead_bytes`` stands for the CUDA context, NCCL buffers and allocator fragmentation
   (assumption: 1 GiB);
 * with CPU offload the sharded parameters, their gradients and the optimizer states live in host
@@ -63,6 +65,7 @@ class MemoryEstimate:
     logits: float
     overhead: float
     staging: float = 0.0  # the hierarchical collectives' buffers; 0 unless a partition group spans nodes
+    residuals: float = 0.0  # a quantized replica hop's error feedback; 0 without one
 
     @property
     def total(self) -> float:
@@ -109,7 +112,17 @@ def estimate_memory(
         logits=logits,
         overhead=overhead_bytes,
         staging=staging_bytes(model, strategy, p, gpus_per_node),
+        residuals=residual_bytes(model, strategy, p, world_size),
     )
+
+
+def residual_bytes(model: ModelSpec, strategy: Strategy, partition_size: int, world_size: int) -> float:
+    """Error feedback of a quantized replica hop: an fp32 copy of the gradient shard (what each contribution
+    missed), and under the plain optimizer an fp32 copy of the owned chunk (what its re-quantization missed)."""
+    if not strategy.error_feedback_residuals or world_size == partition_size:
+        return 0.0
+    owned = 0.0 if strategy.optimizer_over_replicas else MASTER_BYTES * model.num_params / world_size
+    return MASTER_BYTES * model.num_params / partition_size + owned
 
 
 HOST_BASELINE = 3 * GIB  # assumption: one rank's process (torch, CUDA context, libraries, data) in host memory

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from torchmics.dtypes import DTYPES
+from torchmics.dtypes import DTYPES, QUANTIZED_DTYPES, REPLICA_HOP_FORMATS, wire_bytes
 from torchmics.topology import validate
 
 Kind = Literal["ddp", "zero3", "mics"]
@@ -32,6 +32,8 @@ class Strategy:
     replica hop becomes a reduce-scatter in backward and an all-gather of updated parameters (in
     ``param_bytes``) after the optimizer step. ``cpu_offload`` keeps the sharded parameters, gradients
     and optimizer states in host memory (FSDP2's ``CPUOffloadPolicy``) and steps the optimizer there.
+    A quantized replica hop moves ``replica_reduce_bytes`` of about 1 per element (int8 or fp8 plus a
+    scale per block); ``error_feedback_residuals`` counts its fp32 residuals (torchmics.quantized).
     """
 
     kind: Kind
@@ -40,12 +42,13 @@ class Strategy:
     two_hop: bool = True
     param_bytes: int = 2
     reduce_bytes: int = 4
-    replica_reduce_bytes: int | None = None
+    replica_reduce_bytes: float | None = None
     optimizer_over_replicas: bool = False
     cpu_offload: bool = False
+    error_feedback_residuals: bool = False
 
     @property
-    def replica_hop_bytes(self) -> int:
+    def replica_hop_bytes(self) -> float:
         return self.replica_reduce_bytes or self.reduce_bytes
 
     @classmethod
@@ -88,6 +91,7 @@ def options(
     replica_reduce_dtype: str | None = None,
     optimizer_over_replicas: bool = False,
     cpu_offload: bool = False,
+    error_feedback: bool = True,
 ) -> Strategy:
     """The settings every candidate of a plan shares, from the names flags and records use.
 
@@ -100,7 +104,10 @@ def options(
     if cpu_offload and (optimizer_over_replicas or replica_reduce_dtype):
         raise ValueError("CPU offload cannot be combined with the optimizer over replicas or a replica-hop dtype: "
                          "torchmics runs those replica hops on the gradient shards, which offloading keeps in host memory")
-    replica = DTYPES[replica_reduce_dtype].itemsize if replica_reduce_dtype else None
+    if replica_reduce_dtype not in (None, *REPLICA_HOP_FORMATS):
+        raise ValueError(f"replica_reduce_dtype must be one of {', '.join(REPLICA_HOP_FORMATS)}, got {replica_reduce_dtype!r}")
+    replica = wire_bytes(replica_reduce_dtype) if replica_reduce_dtype else None
+    residuals = error_feedback and replica_reduce_dtype in QUANTIZED_DTYPES
     return Strategy("mics", param_bytes=DTYPES[param_dtype].itemsize, reduce_bytes=DTYPES[reduce_dtype].itemsize,
                     replica_reduce_bytes=replica, optimizer_over_replicas=optimizer_over_replicas,
-                    cpu_offload=cpu_offload)
+                    cpu_offload=cpu_offload, error_feedback_residuals=residuals)

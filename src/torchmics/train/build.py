@@ -17,7 +17,7 @@ from torchmics._fsdp import checkpoint_wrapper
 from torchmics.models import build_model
 from torchmics.models.gpt import GPT, ModelInfo, hf_config_file
 from torchmics.pretrained import has_pretrained_weights, mismatches, read_pretrained
-from torchmics.dtypes import DTYPES
+from torchmics.dtypes import replica_hop_format
 from torchmics.topology import Topology
 from torchmics.train.config import TrainConfig
 from torchmics.wrapping import compile_units
@@ -84,4 +84,4 @@ def mixed_precision(cfg: TrainConfig) -> torchmics.MixedPrecision:
     """bf16 compute reduces in fp32 inside the partition group; the replica hop may pick its own dtype."""
     compute = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
     reduce = torch.float32 if compute is not None else None
-    return torchmics.MixedPrecision(compute, reduce, DTYPES.get(cfg.replica_reduce_dtype))
+    return torchmics.MixedPrecision(compute, reduce, replica_hop_format(cfg.replica_reduce_dtype, cfg.error_feedback))

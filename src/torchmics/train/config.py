@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torchmics.dtypes import TRAINING_DTYPES
+from torchmics.dtypes import QUANTIZED_DTYPES, REPLICA_HOP_FORMATS, TRAINING_DTYPES
 from torchmics.models import PRESETS, schedules
 
 if sys.version_info >= (3, 11):
@@ -38,7 +38,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     mixed_precision: str = "fp32"  # fp32 | bf16
-    replica_reduce_dtype: str | None = None  # fp32 | bf16: the replica hop's own dtype (precision per hop)
+    replica_reduce_dtype: str | None = None  # fp32 | bf16 | int8 | fp8: the replica hop's own format (precision per hop)
+    error_feedback: bool = True  # int8 / fp8 replica hop: carry each step's quantization error into the next
     optimizer_over_replicas: bool = False  # shard optimizer states across replicas too (1/W of AdamW's state)
     activation_checkpointing: bool = False
     compile: bool = False
@@ -78,7 +79,11 @@ class TrainConfig:
         if self.mixed_precision not in CHOICES["mixed_precision"]:
             raise ValueError(f"--mixed-precision must be fp32 or bf16, got {self.mixed_precision!r}")
         if self.replica_reduce_dtype not in (None, *CHOICES["replica_reduce_dtype"]):
-            raise ValueError(f"--replica-reduce-dtype must be fp32 or bf16, got {self.replica_reduce_dtype!r}")
+            raise ValueError(f"--replica-reduce-dtype must be one of {', '.join(REPLICA_HOP_FORMATS)}, "
+                             f"got {self.replica_reduce_dtype!r}")
+        if not self.error_feedback and self.replica_reduce_dtype not in QUANTIZED_DTYPES:
+            raise ValueError("--no-error-feedback applies to a quantized replica hop only: add "
+                             "--replica-reduce-dtype int8 (or fp8), or drop --no-error-feedback")
         if self.cpu_offload and (self.optimizer_over_replicas or self.replica_reduce_dtype):
             raise ValueError("--cpu-offload cannot be combined with --optimizer-over-replicas or --replica-reduce-dtype: "
                              "their replica hop runs on gradient shards, which offloading keeps in host memory")
@@ -138,8 +143,10 @@ HELP: dict[str, str] = {
     "weight_decay": "AdamW weight decay, >= 0",
     "grad_clip": "clip the global gradient norm to this, > 0 (inf: no clipping)",
     "mixed_precision": "compute dtype of parameters in forward and backward (bf16 reduces in fp32)",
-    "replica_reduce_dtype": "dtype of the gradient all-reduce across replicas "
-    "(default: the partition group's reduce dtype)",
+    "replica_reduce_dtype": "format of the gradient hop across replicas: a dtype, or int8 / fp8 blocks with "
+    "one scale per 256 elements (default: the partition group's reduce dtype)",
+    "error_feedback": "with an int8 / fp8 replica hop, add each step's quantization error to the next step's "
+    "gradient (the residuals take 4 bytes per sharded parameter)",
     "optimizer_over_replicas": "also shard optimizer states across replicas (1/world of AdamW's state per rank)",
     "activation_checkpointing": "recompute each block's activations in backward, to save memory",
     "compile": "torch.compile each sharded unit, and the loss (a fused fp32 cross-entropy)",
@@ -163,7 +170,7 @@ HELP: dict[str, str] = {
     "wandb_project": "the W&B project of --wandb runs (default: $WANDB_PROJECT, else torchmics)",
     "out": "the run folder: metrics, plot, checkpoints; one job at a time, never another run's results",
 }
-CHOICES: dict[str, tuple[str, ...]] = {"mixed_precision": TRAINING_DTYPES, "replica_reduce_dtype": TRAINING_DTYPES}
+CHOICES: dict[str, tuple[str, ...]] = {"mixed_precision": TRAINING_DTYPES, "replica_reduce_dtype": REPLICA_HOP_FORMATS}
 _DEFAULT_SHOWN = {"out": "runs/<date>-<time>"}  # a default computed when the run starts
 
 

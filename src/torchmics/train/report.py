@@ -19,7 +19,9 @@ import torch.nn as nn
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from torchmics.dtypes import QUANTIZED_DTYPES
 from torchmics.models import schedules
+from torchmics.quantized import Quantized
 from torchmics.models.gpt import ModelInfo
 from torchmics.tables import read_jsonl
 from torchmics.topology import Topology
@@ -105,9 +107,22 @@ class Reporter:
         self.console.print(f"topology  {topo.describe()}")
         self.console.print(f"memory    model states per rank {state / MiB:.1f} MiB (params + grads + AdamW, "
                            f"of {full / MiB:.1f} MiB in all)")
+        self.console.print(f"precision {self._precision(topo)}")
         self.console.print(f"data      {source}; {self.cfg.micro_batch} seq/rank x {topo.world_size} ranks x "
                            f"{self.cfg.accum} micro-steps per step")
         self.console.print(f"output    {self.out}")
+
+    def _precision(self, topo: Topology) -> str:
+        """Compute dtype and what each gradient hop sends: the replica hop is the one on the slow links."""
+        cfg = self.cfg
+        partition = "fp32 partition-group reduction"
+        if topo.num_replicas == 1:
+            return f"{cfg.mixed_precision} compute, {partition}; no replica hop (one replica)"
+        hop = cfg.replica_reduce_dtype or "fp32"
+        if cfg.replica_reduce_dtype in QUANTIZED_DTYPES:
+            feedback = "with error feedback" if cfg.error_feedback else "without error feedback"
+            hop = f"{hop} blocks of {Quantized().block_size} with fp32 scales, {feedback}"
+        return f"{cfg.mixed_precision} compute, {partition}; replica hop {hop}"
 
     def show_startup(self, weights: str, setup_s: float) -> None:
         """Where the weights came from and how long it took to be ready: the time to the first step."""

@@ -55,6 +55,7 @@ def planner_job(cfg: TrainConfig, world: int, gpus_per_node: int) -> Job:
     Compute in ``--mixed-precision``, gradients reduced in fp32 inside the partition group (see
     train/build.py), the replica hop in ``--replica-reduce-dtype``.
     """
-    shared = options(cfg.mixed_precision, "fp32", cfg.replica_reduce_dtype, cfg.optimizer_over_replicas, cfg.cpu_offload)
+    shared = options(cfg.mixed_precision, "fp32", cfg.replica_reduce_dtype, cfg.optimizer_over_replicas, cfg.cpu_offload,
+                     cfg.error_feedback)
     return Job(world, gpus_per_node, (cfg.emulate_nodes or 1) > 1, cfg.micro_batch, cfg.accum,
                cfg.activation_checkpointing, shared)
