@@ -9,6 +9,7 @@ spacing (``2^-10 * scale``) near zero.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 import pytest
 import contextlib
 import os
@@ -70,18 +71,16 @@ def _contribution(step: int, rank: int, numel: int) -> torch.Tensor:
 
 
 def _collectives(fmt: Quantized, numel: int) -> dict:
-    dist.init_process_group("gloo")
-    hop = QuantizedReplicaHop(fmt, dist.group.WORLD)
+    """STEPS hops of one unit: the first step's inputs, scales and reduced chunk, and the running sums."""
     rank, chunk = dist.get_rank(), aligned_chunk(numel, REPLICAS, fmt.block_size)
+    hop = QuantizedReplicaHop(fmt, dist.group.WORLD)
     first = torch.zeros(REPLICAS * chunk)
     first[:numel] = _contribution(0, rank, numel)
-    sent_codes, sent_scales = fmt.quantize(first.clone())
+    _, sent_scales = fmt.quantize(first.clone())
     mine = hop.reduce_scatter(0, first)
     everyone = [torch.zeros_like(sent_scales) for _ in range(REPLICAS)]
     dist.all_gather(everyone, sent_scales)
-    applied_sum, exact_sum = torch.zeros(REPLICAS * chunk), torch.zeros(REPLICAS * chunk)
-    applied_sum += hop.all_gather(0, mine)
-    exact_sum += first.clone()
+    applied_sum, exact_sum = hop.all_gather(0, mine), first.clone()
     for step in range(1, STEPS):
         flat = torch.zeros(REPLICAS * chunk)
         flat[:numel] = _contribution(step, rank, numel)
@@ -92,53 +91,49 @@ def _collectives(fmt: Quantized, numel: int) -> dict:
             "applied_sum": applied_sum, "exact_mean_sum": exact_sum / REPLICAS}
 
 
-def _run_collectives(fmt: Quantized, numel: int) -> list[dict]:
-    return run_ranks(_collectives, REPLICAS, fmt, numel)
+FORMATS = {"int8": Quantized(torch.int8, BLOCK), "int8-noef": Quantized(torch.int8, BLOCK, error_feedback=False),
+           "fp8": Quantized(torch.float8_e4m3fn, BLOCK)}
+
+
+def _every_format(numel: int) -> dict[str, dict]:
+    dist.init_process_group("gloo")
+    return {name: _collectives(fmt, numel) for name, fmt in FORMATS.items()}
 
 
 @pytest.fixture(scope="module")
-def int8_runs() -> dict[bool, list[dict]]:
-    return {feedback: _run_collectives(Quantized(torch.int8, BLOCK, feedback), 1000) for feedback in (True, False)}
+def runs() -> dict[str, list[dict]]:
+    """By format, each rank's results (one job for all formats: one process start)."""
+    per_rank = run_ranks(_every_format, REPLICAS, 1000)
+    return {name: [rank[name] for rank in per_rank] for name in FORMATS}
 
 
-def test_the_quantized_reduce_scatter_is_the_exact_mean_within_the_senders_bounds(int8_runs):
-    ranks = int8_runs[True]
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+def test_the_quantized_reduce_scatter_is_the_exact_mean_within_the_senders_bounds(runs, name):
+    ranks, fmt = runs[name], FORMATS[name]
     chunk = ranks[0]["chunk"]
     assert chunk % BLOCK == 0 and REPLICAS * chunk >= 1000
-    fmt = Quantized(torch.int8, BLOCK)
     for owner, result in enumerate(ranks):
         own = slice(owner * chunk, (owner + 1) * chunk)
         exact = sum(r["first"][own] for r in ranks) / REPLICAS
-        bound = sum(_bound(fmt, r["first"], r["scales"][r_index])[own] for r_index, r in enumerate(ranks)) / REPLICAS
+        bound = sum(_bound(fmt, r["first"], r["scales"][sender])[own] for sender, r in enumerate(ranks)) / REPLICAS
         assert torch.all((result["mine"] - exact).abs() <= bound + 1e-7)
         assert not torch.equal(result["mine"], exact)  # it was quantized
 
 
-def test_every_replica_applies_the_same_gradient(int8_runs):
-    for feedback in (True, False):
-        sums = [r["applied_sum"] for r in int8_runs[feedback]]
-        assert all(torch.equal(s, sums[0]) for s in sums)
+def test_every_replica_applies_the_same_gradient(runs):
+    for ranks in runs.values():
+        assert all(torch.equal(r["applied_sum"], ranks[0]["applied_sum"]) for r in ranks)
 
 
-def test_error_feedback_keeps_the_running_sum_on_the_exact_one(int8_runs):
+def test_error_feedback_keeps_the_running_sum_on_the_exact_one(runs):
     """With feedback the applied sum trails the exact sum by one step's rounding; without, errors pile up."""
-    def drift(feedback: bool) -> float:
-        result = int8_runs[feedback][0]
+    def drift(name: str) -> float:
+        result = runs[name][0]
         return (result["applied_sum"] - result["exact_mean_sum"]).abs().max().item()
 
-    one_step = max(s.max().item() for s in int8_runs[True][0]["scales"])  # a level of the coarsest block
-    assert drift(True) <= one_step
-    assert drift(False) > 5 * drift(True)
-
-
-def test_fp8_collectives_stay_within_bounds_too():
-    ranks = _run_collectives(Quantized(torch.float8_e4m3fn, BLOCK), 300)
-    chunk, fmt = ranks[0]["chunk"], Quantized(torch.float8_e4m3fn, BLOCK)
-    for owner, result in enumerate(ranks):
-        own = slice(owner * chunk, (owner + 1) * chunk)
-        exact = sum(r["first"][own] for r in ranks) / REPLICAS
-        bound = sum(_bound(fmt, r["first"], r["scales"][i])[own] for i, r in enumerate(ranks)) / REPLICAS
-        assert torch.all((result["mine"] - exact).abs() <= bound + 1e-7)
+    one_step = max(s.max().item() for s in runs["int8"][0]["scales"])  # a level of the coarsest block
+    assert drift("int8") <= one_step
+    assert drift("int8-noef") > 5 * drift("int8")
 
 
 # ---- training: single-process training within the format's noise; replicas stay identical --------
@@ -223,11 +218,22 @@ def _round_trip(run_dir: str, over_replicas: bool) -> dict:
             "file": os.path.join(path, "residuals", f"rank{dist.get_rank()}.pt")}
 
 
+def _both_round_trips(run_dir: str) -> dict[bool, dict]:
+    return {over: _round_trip(os.path.join(run_dir, f"over-replicas-{over}"), over) for over in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def round_trips(tmp_path_factory) -> tuple[str, dict[bool, list[dict]]]:
+    run_dir = str(tmp_path_factory.mktemp("residuals"))
+    per_rank = run_ranks(_both_round_trips, 4, run_dir, nodes=2)
+    return run_dir, {over: [rank[over] for rank in per_rank] for over in (False, True)}
+
+
 @pytest.mark.parametrize("over_replicas", [False, True], ids=["all-reduce", "optimizer-over-replicas"])
-def test_residuals_round_trip_bit_exact_and_resume_continues_exactly(tmp_path, over_replicas):
-    per_rank = run_ranks(_round_trip, 4, str(tmp_path), over_replicas, nodes=2)
+def test_residuals_round_trip_bit_exact_and_resume_continues_exactly(round_trips, over_replicas):
+    run_dir, results = round_trips
     kinds = ("sent",) if over_replicas else ("sent", "owned")
-    for rank, result in enumerate(per_rank):
+    for rank, result in enumerate(results[over_replicas]):
         on_disk = torch.load(result["file"], weights_only=True)
         for kind in kinds:
             assert result["saved"][kind], f"rank {rank} kept no {kind} residuals"
@@ -235,6 +241,6 @@ def test_residuals_round_trip_bit_exact_and_resume_continues_exactly(tmp_path, o
                 assert torch.equal(on_disk[kind][unit], residual) and torch.equal(result["loaded"][kind][unit], residual)
         assert all(torch.equal(result["resumed"][n], t) for n, t in result["continued"].items())
         assert result["elsewhere"] == {"sent": {}, "owned": {}}
-    assert any("residuals of another topology" in w for w in per_rank[0]["warnings"])
-    metadata = (tmp_path / "step_2" / "torchmics.json").read_text()
+    assert any("residuals of another topology" in w for w in results[over_replicas][0]["warnings"])
+    metadata = (Path(run_dir) / f"over-replicas-{over_replicas}" / "step_2" / "torchmics.json").read_text()
     assert all(f"residuals/rank{r}.pt" in metadata for r in range(4))  # sized and checksummed like the rest
