@@ -146,15 +146,23 @@ class FaultTolerantReplicas:
                                quorum_timeout=quorum_timeout, connect_timeout=timeout, lighthouse_addr=lighthouse,
                                replica_id=f"torchmics_group_{replica_group}", init_sync=False)
         self._pending: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
+        self._in_step = False
         self.hop = ReplicaHop(units_of_params(state.units), self._all_reduce, lambda: state.in_no_replica_sync, model)
 
     def start_step(self) -> int:
-        """Join this step's quorum (healing this group from a live one if it is behind); the step to train."""
-        self.manager.start_quorum()
+        """Join this step's quorum (healing this group from a live one if it is behind); the step to train.
+
+        Once per step: calling it again before :meth:`should_commit` returns the same step. A second
+        quorum would wait for the other groups, which wait in this step's all-reduce for this one.
+        """
+        if not self._in_step:
+            self.manager.start_quorum()
+            self._in_step = True
         return self.manager.current_step()
 
     def should_commit(self) -> bool:
         """Whether every live group got through this step: step the optimizer only then (it advances the step)."""
+        self._in_step = False
         return self.manager.should_commit()
 
     def participants(self) -> int:

@@ -8,6 +8,7 @@ all-reduce runs once per step (MiCS's two-hop synchronization).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 
@@ -101,6 +102,8 @@ def _step_counter(cfg: TrainConfig, model: nn.Module, optimizer, start: int):
     """Who decides which step runs next and whether it commits: this job, or torchft's quorum of replica groups."""
     if not cfg.fault_tolerant:
         return _EveryStepCommits(start)
+    # torchft logs every quorum change and a traceback per rank for a peer's failure; the loop says it in one line.
+    logging.getLogger("torchft").setLevel(logging.CRITICAL)
     ft = fault_tolerance.FaultTolerantReplicas(model, optimizer, replica_group=cfg.replica_group,
                                                lighthouse=fault_tolerance.lighthouse_address(cfg.lighthouse))
     ft.resume_at(start)
@@ -149,6 +152,9 @@ def train(cfg: TrainConfig) -> dict:
         grad_norm = torchmics.clip_grad_norm_(model, cfg.grad_clip)
         if not steps.should_commit():  # a replica group failed during the step: redo it with the new quorum
             optimizer.zero_grad(set_to_none=True)
+            if rank == 0:
+                warnings.warn(f"step {step + 1} did not commit (a replica group failed during it); it is redone "
+                              "with the groups still alive", stacklevel=1)
             continue
         skipped = guard.skips(grad_norm)
         if not skipped:
