@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 import torchmics
-from torchmics import checkpoint
+from torchmics import checkpoint, fault_tolerance
+from torchmics.cli import main
 
 torchft = pytest.importorskip("torchft", reason="needs torchft: pip install 'torchmics[ft]'")
 from torchft._torchft import LighthouseServer  # noqa: E402
@@ -180,3 +182,35 @@ def test_torchft_survivors_train_on_and_the_killed_group_rejoins_from_a_live_one
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), f"{name} differs between the groups"
+
+
+FT = ["train", *SMALL_STEP, "--fault-tolerant"]
+BAD_FT_INPUTS = {  # case: (flags, what the one-line error must say)
+    "no group index": (FT, "--fault-tolerant needs --replica-group G .* and --replica-groups N"),
+    "group out of range": ([*FT, "--replica-group", "2", "--replica-groups", "2"], "--replica-group must be in 0..1"),
+    "lighthouse without ft": (["train", *SMALL_STEP, "--lighthouse", "http://x:1"], "--lighthouse only applies with --fault-tolerant"),
+    "sharded optimizer": ([*FT, "--replica-group", "0", "--replica-groups", "2", "--optimizer-over-replicas"],
+                          "optimizer states cannot be sharded across replicas: each replica group would own the only copy"),
+    "partition inside a group": ([*FT, "--replica-group", "0", "--replica-groups", "2", "--nproc", "2",
+                                  "--lighthouse", "http://localhost:1", "--partition-size", "1"],
+                                 "--partition-size must be its world size 2"),
+    "no lighthouse": ([*FT, "--replica-group", "0", "--replica-groups", "2", "--nproc", "2"],
+                      "needs torchft's lighthouse: pass --lighthouse http://HOST:29510 or set TORCHFT_LIGHTHOUSE"),
+    "unreachable lighthouse": ([*FT, "--replica-group", "0", "--replica-groups", "2", "--nproc", "2", "--lighthouse",
+                                "http://127.0.0.1:9"], r"the lighthouse at http://127.0.0.1:9 is unreachable \(.*\): start it"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FT_INPUTS)
+def test_torchft_bad_input_is_one_line_before_spawning(case, tmp_path, capsys, no_spawn, monkeypatch):
+    monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
+    flags, message = BAD_FT_INPUTS[case]
+    assert main([*flags, "--out", str(tmp_path / "run")]) in (1, 2)
+    err = capsys.readouterr().err
+    assert err.startswith("torchmics train: error: ") and err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_torchft_missing_is_an_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchft", None)  # what an environment without torchft imports
+    with pytest.raises(ImportError, match=r"install it with pip install 'torchmics\[ft\]'"):
+        fault_tolerance.require_torchft()

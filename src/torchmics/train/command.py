@@ -66,9 +66,6 @@ def preflight(cfg: TrainConfig, *, check_results: bool = True) -> LocalLaunch | 
     if os.environ.get("RANK", "0") == "0":  # the rank that writes the trackers (the launcher: every rank's)
         check_trackers(cfg)
     check_pretrained(cfg, model)
-    if cfg.fault_tolerant:  # before spawning: a missing lighthouse would otherwise surface as a quorum timeout
-        fault_tolerance.require_torchft()
-        fault_tolerance.check_reachable(fault_tolerance.lighthouse_address(cfg.lighthouse))
     resume_from = _resume_candidate(cfg)
     if resume_from is not None:
         _check_resume_fits(cfg, resume_from, model)
@@ -82,6 +79,9 @@ def preflight(cfg: TrainConfig, *, check_results: bool = True) -> LocalLaunch | 
         launch = LocalLaunch(nproc, nodes, use_gpus=torch.cuda.is_available())
         world, gpus_per_node = nproc, cfg.gpus_per_node or launch.procs_per_node
     cfg.partition_size = str(resolve_partition_size(cfg, info, world, gpus_per_node))
+    if cfg.fault_tolerant:  # before spawning: a missing lighthouse would otherwise surface as a quorum timeout
+        fault_tolerance.require_torchft()
+        fault_tolerance.check_reachable(fault_tolerance.lighthouse_address(cfg.lighthouse))
     return launch
 
 
