@@ -15,12 +15,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class FailureCost:
-    """GPU-hours lost to one failure, both ways, and the steps the surviving GPUs lose."""
+    """GPU-hours lost to one failure, both ways, and the steps every GPU redoes without fault tolerance (with it: 0)."""
 
     without_ft_gpu_hours: float
     with_ft_gpu_hours: float
-    survivors_lost_steps_without_ft: float
-    survivors_lost_steps_with_ft: float = 0.0
+    redone_steps_without_ft: float
 
     @property
     def saving(self) -> float:
@@ -48,7 +47,7 @@ def describe(cost: FailureCost, world: int, partition_size: int, checkpoint_ever
     """The plan's lines on failures: both costs, and what they assume."""
     return (
         f"**One failure** (checkpoint every {checkpoint_every} steps, {restart_s:.0f} s restart): without fault "
-        f"tolerance all {world} GPUs redo {cost.survivors_lost_steps_without_ft:g} steps on average and wait for the "
+        f"tolerance all {world} GPUs redo {cost.redone_steps_without_ft:g} steps on average and wait for the "
         f"restart, {cost.without_ft_gpu_hours:.2f} GPU-hours lost; with `train --fault-tolerant` (torchft) only the "
         f"failed partition group's {partition_size} GPUs lose their restart, {cost.with_ft_gpu_hours:.2f} GPU-hours "
         f"({cost.saving:.0f}x less), and the surviving groups lose 0 steps (the global batch shrinks while it is away)."
