@@ -4,7 +4,8 @@ Same job both ways: the tiny GPT, 2 partition groups of 2 gloo ranks. Fault tole
 `torchmics train --fault-tolerant` groups and a lighthouse; a rank of group 1 is killed after step
 KILL_AT, group 1 is restarted at once. Plain: one 4-rank job under `torchrun --max-restarts 1` with a
 checkpoint every CHECKPOINT_EVERY steps, a rank killed after step KILL_AT. Prints, for the ranks
-that did not fail, the steps they lost (redid) and the seconds they stood still (fault tolerant: the
+that did not fail, the committed steps they lost (trained again), the step in flight at the failure that
+fault tolerance redoes, and the seconds they stood still (fault tolerant: the
 step times above 3x the median, less the median; torchrun: from the kill to the first step after it).
 
     python benchmarks/ft/failure_cost.py [--out DIR]
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from torchft._torchft import LighthouseServer
 
-STEPS, KILL_AT, CHECKPOINT_EVERY = 120, 30, 20
+STEPS, KILL_AT, CHECKPOINT_EVERY = 400, 30, 20  # the survivor must outlast the restart
 JOB = ["--model", "tiny", "--seq-len", "64", "--micro-batch", "2", "--accum", "2", "--log-every", "1",
        "--eval-every", str(STEPS), "--steps", str(STEPS)]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "TORCHFT_TIMEOUT_SEC": "10", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -60,7 +61,7 @@ def kill_after(job: subprocess.Popen, out: Path, step: int, marker: bytes) -> fl
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    return subprocess.Popen(command, stdout=log.open("a"), stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
 
 
 def stall(out: Path) -> tuple[float, float]:
@@ -89,7 +90,8 @@ def fault_tolerant(root: Path) -> dict:
     logged = [r["step"] for r in records(root / "group1")]
     back = next(b for a, b in zip(logged, logged[1:]) if b != a + 1)  # the first step after the rejoin
     stood, typical = stall(root / "group0")
-    return {"system": "fault-tolerant (torchft)", "survivor_steps_lost": len(steps) - len(set(steps)) + redone,
+    return {"system": "fault-tolerant (torchft)", "survivor_steps_lost": len(steps) - len(set(steps)),
+            "uncommitted_steps_redone": redone,
             "survivor_steps_logged_once": steps == list(range(steps[0], STEPS + 1)), "survivor_stall_s": stood,
             "failed_group_rejoined_at_step": back - 1, "median_step_s": typical}
 
