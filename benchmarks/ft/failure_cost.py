@@ -21,6 +21,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,10 +117,11 @@ def torchrun_restart(root: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/cpu-torchft")
-    root = Path(parser.parse_args().out)
-    root.mkdir(parents=True, exist_ok=True)
-    rows = [fault_tolerant(root), torchrun_restart(root)]
-    (root / "failure_cost.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = Path(parser.parse_args().out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:  # run folders, logs and checkpoints of both runs
+        rows = [fault_tolerant(Path(scratch)), torchrun_restart(Path(scratch))]
+    (out / "failure_cost.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for r in rows:
         print(json.dumps(r))
 
