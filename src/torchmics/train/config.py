@@ -185,7 +185,7 @@ HELP: dict[str, str] = {
     "with WANDB_MODE=offline it is written to <out>/wandb without network, for `wandb sync` later)",
     "wandb_project": "the W&B project of --wandb runs (default: $WANDB_PROJECT, else torchmics)",
     "fault_tolerant": "this job is one replica group of a torchft job: it survives other groups' failures and "
-    "rejoins from a live group after its own (needs torchmics[ft] and a lighthouse; partition size = --nproc)",
+    "rejoins from a live group after its own (needs torchmics[ft] and a lighthouse; its world is one partition group)",
     "lighthouse": "the torchft lighthouse of --fault-tolerant, http://HOST:PORT (default: $TORCHFT_LIGHTHOUSE)",
     "replica_group": "this group's index under --fault-tolerant, 0..N-1: its torchft replica id and its rows of the batch",
     "replica_groups": "how many replica groups the --fault-tolerant job has (N): each trains 1/N of the global batch",
