@@ -16,8 +16,10 @@ OUT=${OUT:-runs/ft-local}
 PORT=${PORT:-29510}
 export TORCHFT_LIGHTHOUSE=http://localhost:$PORT
 
-# min_replicas 1: survivors train on alone; join_timeout: how long a quorum waits for a straggling group.
-torchft_lighthouse --min_replicas 1 --join_timeout_ms 10000 --bind "[::]:$PORT" &
+# min_replicas 1: survivors train on alone (a group that comes up late is healed at its first step);
+# join_timeout: how long a quorum waits for a group that heartbeats but has not asked yet.
+mkdir -p "$OUT"
+torchft_lighthouse --min_replicas 1 --join_timeout_ms 10000 --bind "[::]:$PORT" > "$OUT/lighthouse.log" 2>&1 &
 LIGHTHOUSE=$!
 trap 'kill $(jobs -p) 2>/dev/null' EXIT
 sleep 1
