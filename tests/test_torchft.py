@@ -217,3 +217,9 @@ def test_torchft_missing_is_an_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchft", None)  # what an environment without torchft imports
     with pytest.raises(ImportError, match=r"install it with pip install 'torchmics\[ft\]'"):
         fault_tolerance.require_torchft()
+
+
+def test_torchft_is_not_needed_to_import_torchmics():
+    code = "import sys; sys.modules['torchft'] = None; import torchmics, torchmics.cli; print(torchmics.FaultTolerantReplicas)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ | ENV)
+    assert done.returncode == 0 and "FaultTolerantReplicas" in done.stdout, done.stderr
