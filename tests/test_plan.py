@@ -38,6 +38,7 @@ from torchmics.plan import (
 from torchmics.plan import auto
 from torchmics.plan.planner import explain
 from torchmics.plan.auto import gpu_profile, job_cluster, recommend_partition_size
+from torchmics.plan.failure import failure_cost
 from torchmics.plan.memory import GIB, estimate_host_memory
 from torchmics.plan.validate import COMMITTED, committed_checks, leave_one_out, render_checks
 
@@ -587,3 +588,15 @@ def test_host_memory_is_a_limit_the_plan_names():
     assert "of host memory usable per rank" in explain(candidates, best)
     with pytest.raises(ValueError, match="host memory per rank"):
         recommend(plan(model, cluster, 1, 1, 1, True, Strategy("mics", cpu_offload=True)))
+
+
+def test_failure_cost_with_and_without_fault_tolerant_replica_groups():
+    # 64 GPUs in groups of 8, 2 s steps, a checkpoint every 500 steps, 300 s to restart: without fault
+    # tolerance all 64 GPUs redo 250 steps (500 s) and wait 300 s; with it only the failed group's 8 wait.
+    cost = failure_cost(64, 8, step_s=2.0, checkpoint_every=500, restart_s=300.0)
+    assert cost.without_ft_gpu_hours == pytest.approx(64 * 800 / 3600)
+    assert cost.with_ft_gpu_hours == pytest.approx(8 * 300 / 3600)
+    assert cost.redone_steps_without_ft == 250
+    assert cost.saving == pytest.approx(64 * 800 / (8 * 300))
+    with pytest.raises(ValueError, match="partition size 3 must divide the world size 64"):
+        failure_cost(64, 3, 2.0, 500, 300.0)

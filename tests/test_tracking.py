@@ -11,7 +11,7 @@ import wandb
 from logged_scalars import tensorboard_scalars, tensorboard_text, wandb_config, wandb_history, wandb_records
 
 from torchmics.cli import main
-from torchmics.train import command, tracking
+from torchmics.train import tracking
 from torchmics.train.config import TrainConfig
 from torchmics.train.tracking import Trackers
 
@@ -91,14 +91,6 @@ def test_wandb_offline_run_holds_every_record_and_continues_when_resumed(tmp_pat
     resumed.finish({})
     first, second = sorted((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert first == run_file and sorted(wandb_history(second)) == [4, 5]  # `wandb sync` joins them into one run
-
-
-@pytest.fixture
-def no_spawn(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a worker was spawned for input that preflight should have rejected")
-
-    monkeypatch.setattr(command, "spawn", refuse)
 
 
 TINY = ["--model", "tiny", "--seq-len", "64"]

@@ -178,14 +178,6 @@ def test_export_errors_are_one_line(checkpointed_run, tmp_path, capsys):
 # ---- bad input fails before any worker exists ---------------------------------------------------
 
 
-@pytest.fixture
-def no_spawn(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a worker was spawned for input that preflight should have rejected")
-
-    monkeypatch.setattr(command, "spawn", refuse)
-
-
 def _file(path: Path, content: str | bytes) -> str:
     """Write ``content`` to ``path`` and return the path, for a flag's value."""
     if isinstance(content, bytes):

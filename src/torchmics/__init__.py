@@ -10,6 +10,7 @@ from torchmics.checkpoint import (
     verify_checkpoint,
 )
 from torchmics.export import export_checkpoint, export_model
+from torchmics.fault_tolerance import FaultTolerantReplicas  # torchft is imported only when one is built
 from torchmics.materialize import init_weights, meta_init
 from torchmics.optim import ReplicaShardedOptimizer
 from torchmics.pretrained import load_pretrained
@@ -19,6 +20,7 @@ from torchmics.topology import Topology, init_mesh, plan_topology
 
 __all__ = [
     "DamagedCheckpointError",
+    "FaultTolerantReplicas",
     "MixedPrecision",
     "Quantized",
     "ReplicaShardedOptimizer",

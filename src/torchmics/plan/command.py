@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from torchmics.dtypes import DTYPES, REPLICA_HOP_FORMATS
+from torchmics.plan import failure
 from torchmics.plan.calibrate import calibrate
 from torchmics.plan.cluster import ClusterProfile, get_profile, with_gpus_per_node
 from torchmics.plan.model_spec import ModelSpec
@@ -82,6 +83,10 @@ def _add_common(p: argparse.ArgumentParser, default_cluster: str) -> None:
                        help="shard optimizer states across replicas too (torchmics.ReplicaShardedOptimizer)")
     train.add_argument("--cpu-offload", action="store_true",
                        help="keep sharded parameters, gradients and optimizer states in host memory")
+    failures = p.add_argument_group("what a failure costs (with and without train --fault-tolerant)")
+    failures.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")
+    failures.add_argument("--restart-s", type=positive_float, default=300.0,
+                          help="seconds from a failure to the restarted ranks' first step")
 
 
 def positive_int(text: str) -> int:
@@ -90,6 +95,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type for durations."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def failure_line(args: argparse.Namespace, world: int, partition_size: int, step_s: float) -> str:
+    """What one failure costs this job, with and without fault-tolerant replica groups."""
+    cost = failure.failure_cost(world, partition_size, step_s, args.checkpoint_every, args.restart_s)
+    return failure.describe(cost, world, partition_size, args.checkpoint_every, args.restart_s)
 
 
 def cluster_sizes(text: str) -> list[int]:
@@ -173,6 +192,7 @@ def run_plan(args: argparse.Namespace) -> None:
     print(setting(args, model, cluster) + "\n")
     print(render_table(candidates, highlight=best) + "\n")
     print(f"**Recommendation: {best.label}** (partition size {best.partition_size}): {explain(candidates, best)}")
+    print("\n" + failure_line(args, args.nodes * cluster.gpus_per_node, best.partition_size, best.cost.total))
 
 
 def run_simulate(args: argparse.Namespace) -> None:
@@ -187,4 +207,8 @@ def run_simulate(args: argparse.Namespace) -> None:
     out = Path(args.out or f"benchmarks/simulate/{cluster.name}-{name}")
     paths = write_outputs(rows, out, title, notes)
     print(f"# {title}\n\n{notes}\n\n{render_rows(rows)}\n")
+    largest = max((r for r in rows if r.strategy == "mics"), key=lambda r: r.gpus, default=None)
+    if largest is not None:
+        step_s = args.micro_batch * args.accum * model.seq_len / largest.tokens_per_s_per_gpu
+        print(f"At {largest.gpus} GPUs ({largest.label}): " + failure_line(args, largest.gpus, largest.partition_size, step_s) + "\n")
     print(f"wrote {', '.join(str(p) for p in paths)}")

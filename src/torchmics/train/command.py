@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.multiprocessing import ProcessRaisedException
 
-from torchmics import checkpoint
+from torchmics import checkpoint, fault_tolerance
 from torchmics.models import build_model
 from torchmics.train import run_folder
 from torchmics.train.build import check_pretrained
@@ -53,7 +53,8 @@ def preflight(cfg: TrainConfig, *, check_results: bool = True) -> LocalLaunch | 
     That includes the checkpoint a resume will start from: its files are there at their saved sizes,
     and it fits the model and the optimizer (checksums are compared by the workers, which share the
     reading). ``check_results``: refuse an ``--out`` holding another run's metrics (the job that holds
-    the run folder checks; see run_folder.py). Resolves ``--partition-size auto`` into ``cfg``.
+    the run folder checks; see run_folder.py; a ``--fault-tolerant`` group restarted into its own folder
+    continues it: it rejoins the job's step). Resolves ``--partition-size auto`` into ``cfg``.
     Returns how to spawn local ranks, or None when torchrun already started them (then each rank
     runs this same check on its own).
     """
@@ -68,7 +69,7 @@ def preflight(cfg: TrainConfig, *, check_results: bool = True) -> LocalLaunch | 
     resume_from = _resume_candidate(cfg)
     if resume_from is not None:
         _check_resume_fits(cfg, resume_from, model)
-    if check_results:
+    if check_results and not cfg.fault_tolerant:
         run_folder.refuse_to_replace_results(cfg.out, resume_from)
     if under_torchrun():
         _warn_of_restart_hazard()
@@ -78,6 +79,9 @@ def preflight(cfg: TrainConfig, *, check_results: bool = True) -> LocalLaunch | 
         launch = LocalLaunch(nproc, nodes, use_gpus=torch.cuda.is_available())
         world, gpus_per_node = nproc, cfg.gpus_per_node or launch.procs_per_node
     cfg.partition_size = str(resolve_partition_size(cfg, info, world, gpus_per_node))
+    if cfg.fault_tolerant:  # before spawning: a missing lighthouse would otherwise surface as a quorum timeout
+        fault_tolerance.require_torchft()
+        fault_tolerance.check_reachable(fault_tolerance.lighthouse_address(cfg.lighthouse))
     return launch
 
 

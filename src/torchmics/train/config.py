@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torchmics import fault_tolerance
 from torchmics.dtypes import QUANTIZED_DTYPES, REPLICA_HOP_FORMATS, TRAINING_DTYPES
 from torchmics.models import PRESETS, schedules
 
@@ -56,6 +57,10 @@ class TrainConfig:
     wandb: bool = False  # a Weights & Biases run (WANDB_MODE=offline: files in <out>/wandb, no network)
     wandb_project: str | None = None  # None: $WANDB_PROJECT, else torchmics
     resume: str | None = None  # None, "auto" (latest in --out) or a checkpoint path
+    fault_tolerant: bool = False  # this job is one torchft replica group: survives other groups' failures
+    lighthouse: str | None = None  # torchft lighthouse, http://HOST:PORT; None: $TORCHFT_LIGHTHOUSE
+    replica_group: int | None = None  # under --fault-tolerant: this group's index (its torchft replica id)
+    replica_groups: int | None = None  # under --fault-tolerant: the job's groups; each trains its 1/N of the batch
     out: str = field(default_factory=lambda: f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 
     def __post_init__(self) -> None:
@@ -89,8 +94,27 @@ class TrainConfig:
                              "their replica hop runs on gradient shards, which offloading keeps in host memory")
         if self.partition_size != "auto" and not str(self.partition_size).isdigit():
             raise ValueError(f"--partition-size must be a positive integer or 'auto', got {self.partition_size!r}")
+        self._validate_fault_tolerance()
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+
+
+    def _validate_fault_tolerance(self) -> None:
+        given = [name for name in ("lighthouse", "replica_group", "replica_groups") if getattr(self, name) is not None]
+        if not self.fault_tolerant:
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} only applies with --fault-tolerant")
+            return
+        if self.replica_group is None or self.replica_groups is None:
+            raise ValueError("--fault-tolerant needs --replica-group G (this group's index) and --replica-groups N "
+                             "(how many groups the job has), the same N for every group")
+        if not 0 <= self.replica_group < self.replica_groups:
+            raise ValueError(f"--replica-group must be in 0..{self.replica_groups - 1} for --replica-groups "
+                             f"{self.replica_groups}, got {self.replica_group}")
+        refused = fault_tolerance.unsupported(self.optimizer_over_replicas, self.cpu_offload,
+                                              self.replica_reduce_dtype in QUANTIZED_DTYPES)
+        if refused:
+            raise ValueError(f"--fault-tolerant: {refused}")
 
 
 _FIELD_TYPES = {"int": int, "int | None": int, "float": float, "float | None": float, "str": str, "str | None": str,
@@ -168,6 +192,11 @@ HELP: dict[str, str] = {
     "wandb": "log every metric and the config to a Weights & Biases run (needs torchmics[tracking]; "
     "with WANDB_MODE=offline it is written to <out>/wandb without network, for `wandb sync` later)",
     "wandb_project": "the W&B project of --wandb runs (default: $WANDB_PROJECT, else torchmics)",
+    "fault_tolerant": "this job is one replica group of a torchft job: it survives other groups' failures and "
+    "rejoins from a live group after its own (needs torchmics[ft] and a lighthouse; its world is one partition group)",
+    "lighthouse": "the torchft lighthouse of --fault-tolerant, http://HOST:PORT (default: $TORCHFT_LIGHTHOUSE)",
+    "replica_group": "this group's index under --fault-tolerant, 0..N-1: its torchft replica id and its rows of the batch",
+    "replica_groups": "how many replica groups the --fault-tolerant job has (N): each trains 1/N of the global batch",
     "out": "the run folder: metrics, plot, checkpoints; one job at a time, never another run's results",
 }
 CHOICES: dict[str, tuple[str, ...]] = {"mixed_precision": TRAINING_DTYPES, "replica_reduce_dtype": REPLICA_HOP_FORMATS}

@@ -8,6 +8,7 @@ all-reduce runs once per step (MiCS's two-hop synchronization).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import torchmics
-from torchmics import checkpoint
+from torchmics import checkpoint, fault_tolerance
 from torchmics.models import causal_lm_loss, logits_of
 from torchmics.models import schedules
 from torchmics.topology import current_device
@@ -80,6 +81,43 @@ def _optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device):
     return torch.optim.AdamW(model.parameters(), **options)
 
 
+class _EveryStepCommits:
+    """The loop's step counter without fault tolerance: every step commits."""
+
+    def __init__(self, start: int) -> None:
+        self.step = start
+
+    def start_step(self) -> int:
+        return self.step
+
+    def should_commit(self) -> bool:
+        self.step += 1
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _step_counter(cfg: TrainConfig, model: nn.Module, optimizer, start: int):
+    """Who decides which step runs next and whether it commits: this job, or torchft's quorum of replica groups."""
+    if not cfg.fault_tolerant:
+        return _EveryStepCommits(start)
+    # torchft logs every quorum change and a traceback per rank for a peer's failure; the loop says it in one line.
+    logging.getLogger("torchft").setLevel(logging.CRITICAL)
+    ft = fault_tolerance.FaultTolerantReplicas(model, optimizer, replica_group=cfg.replica_group,
+                                               lighthouse=fault_tolerance.lighthouse_address(cfg.lighthouse))
+    ft.resume_at(start)
+    return ft
+
+
+def _data_split(cfg: TrainConfig) -> tuple[int, int]:
+    """(rank, world) of this process in the data: a replica group reads its own rows of the job's batch."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if not cfg.fault_tolerant:
+        return rank, world
+    return fault_tolerance.data_rank(cfg.replica_group, cfg.replica_groups, rank, world)
+
+
 def train(cfg: TrainConfig) -> dict:
     """One rank's whole run; returns the summary on rank 0 (which keeps the metrics) and {} elsewhere."""
     began = time.perf_counter()
@@ -92,10 +130,13 @@ def train(cfg: TrainConfig) -> dict:
     data = load_tokens(cfg.data, info.seq_len)
     model, weights = shard_model(model, cfg, topo)
     optimizer = _optimizer(cfg, model, device)
-    sampler = BatchSampler(data.train, info.seq_len, cfg.micro_batch * world, rank, world, cfg.seed)
-    val_sampler = BatchSampler(data.val, info.seq_len, cfg.micro_batch * world, rank, world, cfg.seed + 1)
+    data_rank, data_world = _data_split(cfg)
+    sampler = BatchSampler(data.train, info.seq_len, cfg.micro_batch * data_world, data_rank, data_world, cfg.seed)
+    val_sampler = BatchSampler(data.val, info.seq_len, cfg.micro_batch * data_world, data_rank, data_world, cfg.seed + 1)
     resumed_from = _resume_path(cfg)
     start = 0 if resumed_from is None else int(checkpoint.load_checkpoint(resumed_from, model, optimizer)["step"])
+    steps = _step_counter(cfg, model, optimizer, start)
+    start = steps.start_step()  # a replica group rejoining a fault-tolerant job is healed here, and skips ahead
     reporter = Reporter(cfg, topo, info, data.source, model, enabled=rank == 0, start=start, resumed_from=resumed_from)
     reporter.show_startup(weights, _seconds_since(began, device))
     tokens_per_step = cfg.micro_batch * world * cfg.accum * info.seq_len
@@ -103,12 +144,18 @@ def train(cfg: TrainConfig) -> dict:
     reporter.show_schedule(schedule, tokens_per_step)
     meter, guard = StepMeter(device, tokens_per_step, info.flops_per_token), NonFiniteGuard(cfg.max_skipped_steps)
     meter.restart()
-    for step in range(start, cfg.steps):
+    while (step := steps.start_step()) < cfg.steps:
         lr = schedule.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = train_step(model, sampler, step, cfg.accum, device, fused_loss=cfg.compile)
         grad_norm = torchmics.clip_grad_norm_(model, cfg.grad_clip)
+        if not steps.should_commit():  # a replica group failed during the step: redo it with the new quorum
+            optimizer.zero_grad(set_to_none=True)
+            if rank == 0:
+                warnings.warn(f"step {step + 1} did not commit (a replica group failed during it); it is redone "
+                              "with the groups still alive", stacklevel=1)
+            continue
         skipped = guard.skips(grad_norm)
         if not skipped:
             optimizer.step()
@@ -131,6 +178,7 @@ def train(cfg: TrainConfig) -> dict:
         if saves:
             _save(cfg, model, optimizer, done, resumed_from)
         meter.restart()  # evaluation and checkpointing are not training time
+    steps.shutdown()
     return reporter.finish()
 
 

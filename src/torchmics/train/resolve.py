@@ -37,9 +37,15 @@ def resolve_partition_size(cfg: TrainConfig, info: ModelInfo, world: int, gpus_p
     """The configured partition size, or the planner's choice for ``auto`` (validated either way).
 
     On CPU there is no memory limit worth modelling, so ``auto`` shards over the whole world, which
-    exercises every collective (hierarchical ones too when the world spans emulated nodes).
+    exercises every collective (hierarchical ones too when the world spans emulated nodes). A
+    ``--fault-tolerant`` job is one replica group: its partition group is its world.
     """
-    if cfg.partition_size != "auto":
+    if cfg.fault_tolerant:  # the job is one replica group: its world is one partition group
+        size = world
+        if cfg.partition_size not in ("auto", str(world)):
+            raise ValueError(f"--fault-tolerant: each replica group is one partition group, so --partition-size must "
+                             f"be its world size {world} (or auto), got {cfg.partition_size}")
+    elif cfg.partition_size != "auto":
         size = int(cfg.partition_size)
     elif torch.cuda.is_available():
         size = recommend_partition_size(info, planner_job(cfg, world, gpus_per_node))
