@@ -195,8 +195,10 @@ HELP: dict[str, str] = {
     "fault_tolerant": "this job is one replica group of a torchft job: it survives other groups' failures and "
     "rejoins from a live group after its own (needs torchmics[ft] and a lighthouse; its world is one partition group)",
     "lighthouse": "the torchft lighthouse of --fault-tolerant, http://HOST:PORT (default: $TORCHFT_LIGHTHOUSE)",
-    "replica_group": "this group's index under --fault-tolerant, 0..N-1: its torchft replica id and its rows of the batch",
-    "replica_groups": "how many replica groups the --fault-tolerant job has (N): each trains 1/N of the global batch",
+    "replica_group": "this group's index under --fault-tolerant, 0..N-1: its torchft replica id and its rows of the "
+    "batch (no default: --fault-tolerant needs it)",
+    "replica_groups": "how many replica groups the --fault-tolerant job has (N): each trains 1/N of the global batch "
+    "(no default: --fault-tolerant needs it, the same on every group)",
     "out": "the run folder: metrics, plot, checkpoints; one job at a time, never another run's results",
 }
 CHOICES: dict[str, tuple[str, ...]] = {"mixed_precision": TRAINING_DTYPES, "replica_reduce_dtype": REPLICA_HOP_FORMATS}
