@@ -186,7 +186,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
             "model and optimizer are restored, random number generators are not (they are per rank).",
             stacklevel=2,
         )
-    _load_residuals(path, model, metadata)
+    _load_residuals(path, model)
     return {"step": metadata["step"], "extra": metadata["extra"]}
 
 
@@ -507,15 +507,20 @@ def _save_per_rank(checkpoint: str, model: nn.Module) -> None:
     hop = shard_state(model).quantized_hop
     if hop is not None and hop.format.error_feedback:
         os.makedirs(os.path.dirname(_residual_file(checkpoint)), exist_ok=True)
-        torch.save({"format": hop.format.name, "block_size": hop.format.block_size, **hop.state_dict()},
-                   _residual_file(checkpoint))
+        torch.save({"layout": _residual_layout(model), **hop.state_dict()}, _residual_file(checkpoint))
+
+
+def _residual_layout(model: nn.Module) -> list:
+    """What decides which elements a rank's residuals stand for: world, partition size and the blocks."""
+    topology, fmt = topology_of(model), shard_state(model).quantized_hop.format
+    return [topology.world_size, topology.partition_size, str(fmt.dtype), fmt.block_size]
 
 
 def _residual_file(checkpoint: str) -> str:
     return os.path.join(checkpoint, "residuals", f"rank{dist.get_rank()}.pt")
 
 
-def _load_residuals(checkpoint: str, model: nn.Module, metadata: dict[str, Any]) -> None:
+def _load_residuals(checkpoint: str, model: nn.Module) -> None:
     """Restore this rank's residuals where they mean the same thing: same topology and format.
 
     A residual is what one rank's contributions to its replicas' chunks still owe; on another world
@@ -526,10 +531,7 @@ def _load_residuals(checkpoint: str, model: nn.Module, metadata: dict[str, Any])
     if hop is None or not hop.format.error_feedback or not os.path.exists(_residual_file(checkpoint)):
         return
     saved = torch.load(_residual_file(checkpoint), weights_only=True)
-    topology = topology_of(model)
-    same = (metadata["world_size"], metadata["partition_size"], saved["format"], saved["block_size"]) == (
-        topology.world_size, topology.partition_size, hop.format.name, hop.format.block_size)
-    if same:
+    if saved["layout"] == _residual_layout(model):
         hop.load_state_dict(saved, current_device())
     elif dist.get_rank() == 0:
         warnings.warn(f"{checkpoint} holds error-feedback residuals of another topology or replica-hop format: "

@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from torchmics import _fsdp
-from torchmics.replica import ReplicaHop, pack, units_of_params
+from torchmics.replica import ReplicaHop, pack, units_of_params, unpack
 from torchmics.sharding import shard_state
 from torchmics.topology import device_type
 
@@ -201,7 +201,7 @@ class FaultTolerantReplicas:
         with self.hop.side_stream():
             for work, wire, grads in pending:
                 work.wait()
-                torch._foreach_copy_([g.view(-1) for g in grads], list(wire.split([g.numel() for g in grads])))
+                unpack(wire, grads)
         self.hop.wait()
 
     def _state_dict(self) -> dict[str, Any]:

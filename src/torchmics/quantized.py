@@ -30,7 +30,6 @@ from torchmics._fsdp import all_gather_single
 
 _T = TypeVar("_T")
 _LARGEST = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
-_NAMES = {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}
 _SCALE_BYTES = 4  # one fp32 scale per block
 
 
@@ -54,11 +53,6 @@ class Quantized:
             raise ValueError(f"Quantized(dtype=...) must be torch.int8 or torch.float8_e4m3fn, got {self.dtype}")
         if self.block_size < 1:
             raise ValueError(f"Quantized(block_size={self.block_size}): a block holds at least one element")
-
-    @property
-    def name(self) -> str:
-        """The flag spelling: ``int8``, ``fp8``; ``-noef`` without error feedback."""
-        return _NAMES[self.dtype] + ("" if self.error_feedback else "-noef")
 
     @property
     def bytes_per_element(self) -> float:

@@ -19,7 +19,7 @@ import torch.nn as nn
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from torchmics.dtypes import QUANTIZED_DTYPES
+from torchmics.dtypes import replica_hop_format
 from torchmics.models import schedules
 from torchmics.quantized import Quantized
 from torchmics.models.gpt import ModelInfo
@@ -119,9 +119,10 @@ class Reporter:
         if topo.num_replicas == 1:
             return f"{cfg.mixed_precision} compute, {partition}; no replica hop (one replica)"
         hop = cfg.replica_reduce_dtype or "fp32"
-        if cfg.replica_reduce_dtype in QUANTIZED_DTYPES:
-            feedback = "with error feedback" if cfg.error_feedback else "without error feedback"
-            hop = f"{hop} blocks of {Quantized().block_size} with fp32 scales, {feedback}"
+        fmt = replica_hop_format(cfg.replica_reduce_dtype, cfg.error_feedback)  # what train shards with
+        if isinstance(fmt, Quantized):
+            feedback = "with error feedback" if fmt.error_feedback else "without error feedback"
+            hop = f"{hop} blocks of {fmt.block_size} with fp32 scales, {feedback}"
         return f"{cfg.mixed_precision} compute, {partition}; replica hop {hop}"
 
     def show_startup(self, weights: str, setup_s: float) -> None:
