@@ -73,6 +73,11 @@ class Trackers:
         if self.wandb is not None:
             self.wandb.summary.update(_scalars(summary))
             self.wandb.finish()
+            # finish() can return before W&B's service has written the run file's tail; stopping the
+            # service flushes it, so the run folder is complete (for `wandb sync`) when this returns.
+            import wandb
+
+            wandb.teardown()
 
 
 def _scalars(record: dict) -> dict[str, float]:
