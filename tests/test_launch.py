@@ -1,10 +1,14 @@
-"""Spawned workers: native libraries' stderr goes to per-rank files, Python's to the terminal."""
+"""Spawned workers: native libraries' stderr goes to per-rank files, Python's to the terminal; each
+rank sees the launcher's environment as it is when the ranks start."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+
+from dist_utils import run_ranks
 
 
 def test_native_stderr_goes_to_the_rank_log_and_python_warnings_to_the_terminal(tmp_path):
@@ -31,3 +35,17 @@ def test_native_stderr_goes_to_the_rank_log_and_python_warnings_to_the_terminal(
     assert "a warning for users from rank 0" in result.stderr and "a warning for users from rank 1" in result.stderr
     for rank in (0, 1):
         assert (tmp_path / f"native-{rank}.log").read_text() == f"native chatter from rank {rank}\n"
+
+
+def _environment_value() -> tuple[str | None, str]:
+    return os.environ.get("TORCHMICS_TEST_VALUE"), os.environ["RANK"]
+
+
+def test_ranks_see_the_environment_of_their_launch_not_of_an_earlier_one(monkeypatch):
+    """CPU ranks fork from a server started at the first launch; a later launch's variables must reach them."""
+    monkeypatch.setenv("TORCHMICS_TEST_VALUE", "first")
+    assert run_ranks(_environment_value, 2) == [("first", "0"), ("first", "1")]
+    monkeypatch.setenv("TORCHMICS_TEST_VALUE", "second")
+    assert run_ranks(_environment_value, 2) == [("second", "0"), ("second", "1")]
+    monkeypatch.delenv("TORCHMICS_TEST_VALUE")
+    assert run_ranks(_environment_value, 2) == [(None, "0"), (None, "1")]

@@ -104,15 +104,19 @@ def metrics(out: Path) -> list[dict]:
     return records
 
 
-def ranks_of(launcher: subprocess.Popen) -> list[int]:
-    """Pids of the ranks a `torchmics train` launcher spawned (its multiprocessing children)."""
+def _children(pid: int) -> list[int]:
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError, IndexError):
-            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            if parent == launcher.pid and b"spawn_main" in Path(f"/proc/{entry}/cmdline").read_bytes():
+            if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry))
     return found
+
+
+def ranks_of(launcher: subprocess.Popen) -> list[int]:
+    """Pids of a `torchmics train` launcher's ranks: the children of its multiprocessing fork server."""
+    (server,) = [p for p in _children(launcher.pid) if b"forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return _children(server)
 
 
 def final_weights(saved: Path, into: Path) -> dict[str, torch.Tensor]:
