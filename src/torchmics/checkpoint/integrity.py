@@ -6,7 +6,7 @@ damaged file is named, with what is wrong (missing, truncated, corrupt), before 
 
 CRC-32 (zlib) detects accidental damage, not tampering; it runs at several GB/s, so reading back
 what was just written (usually still in the page cache) costs little next to writing it. Each rank
-checks its own share of the files, so the cost does not grow with the world size.
+checks its own share of the files (verify.py), so the cost does not grow with the world size.
 """
 
 from __future__ import annotations
