@@ -217,6 +217,12 @@ BAD_INPUTS = {  # case: (flags given a temporary folder, what the error must say
     "error feedback off, nothing quantized": (lambda d: ["--no-error-feedback"],
                                               "--no-error-feedback applies to a quantized replica hop only"),
     "resume from no checkpoint": (lambda d: ["--resume", str(d)], "is not a complete checkpoint"),
+    "lr NaN": (lambda d: ["--lr", "nan"], "--lr must be a finite number, got nan"),
+    "lr infinite": (lambda d: ["--lr", "inf"], "--lr must be a finite number, got inf"),
+    "min-lr NaN": (lambda d: ["--min-lr", "nan"], "--min-lr must be a finite number, got nan"),
+    "weight decay NaN": (lambda d: ["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+    "grad clip NaN": (lambda d: ["--grad-clip", "nan"], r"--grad-clip must be > 0 \(inf turns clipping off\), got nan"),
+    "NaN from TOML": (lambda d: ["--config", _file(d / "r.toml", "lr = nan\n")], "--lr must be a finite number"),
 }
 
 

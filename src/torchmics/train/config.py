@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -76,10 +77,13 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        for name in ("lr", "min_lr", "weight_decay"):  # NaN passes every comparison below; inf diverges at once
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         for name in ("warmup", "checkpoint_every", "weight_decay", "max_skipped_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.grad_clip <= 0:
+        if not self.grad_clip > 0:  # also NaN
             raise ValueError(f"--grad-clip must be > 0 (inf turns clipping off), got {self.grad_clip}")
         if self.mixed_precision not in CHOICES["mixed_precision"]:
             raise ValueError(f"--mixed-precision must be fp32 or bf16, got {self.mixed_precision!r}")
