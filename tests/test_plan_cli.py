@@ -67,6 +67,15 @@ def test_plan_of_a_bare_shape(capsys):
     assert code == 0 and f"**Recommendation: {best.label}**" in out
 
 
+def test_the_recommendation_never_calls_its_own_partition_size_unfit(capsys):
+    # 13B on 2 x 8 H100s: P = 16 with hierarchical collectives needs 74.9 GiB, flat fits and is recommended.
+    argv = ["--params", "13e9", "--layers", "40", "--d-model", "5120", "--nodes", "2"]
+    code, out, _ = _run(capsys, "plan", *argv)
+    line = _recommendation_line(out)
+    assert code == 0 and line.startswith("**Recommendation: mics P=16 flat**"), line
+    assert "P = 1, 2, 4, 8, 16 hier do not fit" in line and "(P = 16 hier needs 74.9 GiB)" in line, line
+
+
 def test_plan_of_a_hugging_face_config(tmp_path, capsys):
     config = {"num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32, "intermediate_size": 11008,
               "max_position_embeddings": 4096, "vocab_size": 32000, "hidden_act": "silu"}
