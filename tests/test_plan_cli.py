@@ -111,8 +111,21 @@ def test_simulate_writes_what_it_prints(tmp_path, capsys):
         (["plan", "--layers", "4", "--nodes", "1"], "describe the model"),
         (["plan", "--model", "no-such-model", "--nodes", "1"], "unknown model preset"),
         (["plan", "--model", "1.4b", "--nodes", "1", "--calibrate", "missing.jsonl"], "no results file"),
+        (["simulate", "--model", "1.4b", "--cluster", "p4d", "--max-gpus", "4"],
+         "--max-gpus 4 is below the smallest size simulated on p4d, 8 GPUs"),
     ],
 )
 def test_errors_exit_2_with_the_reason(argv, message, tmp_path, capsys):
     code, _, err = _run(capsys, *argv, *(["--out", str(tmp_path)] if argv[0] == "simulate" else []))
     assert code == 2 and message in err
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--network-latency-us", "-5", "argument --network-latency-us: must be a number >= 0, got -5"),
+    ("--params", "-5", "argument --params: must be a positive number, got -5"),
+])
+def test_impossible_numbers_are_refused_by_the_parser(flag, value, message, capsys):
+    argv = ["plan", "--nodes", "1", *(["--layers", "2", "--d-model", "128"] if flag == "--params" else ["--model", "1.4b"])]
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, flag, value])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
