@@ -207,6 +207,7 @@ def test_resume_from_an_older_step_runs_past_the_newer_checkpoints(reference, tm
     shutil.copytree(reference[0], out)
     result = _ok(_cli("train", *CHECKPOINTED, "--resume", str(out / "step_6"), "--out", str(out)))
     assert "moved the later checkpoints step_9, step_12 and a copy of metrics.jsonl" in result.stderr
+    assert f"weights   from the checkpoint {out / 'step_6'}\n" in result.stdout  # not "random init"
     assert _losses(_metrics(out)) == _losses(_metrics(reference[0]))
     assert sorted(p.name for p in out.glob("step_*")) == ["step_12", "step_6", "step_9"]
     (aside,) = out.glob("superseded-*")
