@@ -129,3 +129,16 @@ def test_impossible_numbers_are_refused_by_the_parser(flag, value, message, caps
     with pytest.raises(SystemExit) as exit:
         main([*argv, flag, value])
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["plan", "simulate"])
+def test_every_flag_with_a_default_says_it(command):
+    import argparse
+
+    from torchmics.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    parser = subparsers.choices[command]
+    silent = [a.option_strings[0] for a in parser._actions
+              if a.option_strings and a.default not in (None, False, [], argparse.SUPPRESS) and "default" not in (a.help or "")]
+    assert silent == []
