@@ -225,6 +225,9 @@ BAD_INPUTS = {  # case: (flags given a temporary folder, what the error must say
     "min-lr NaN": (lambda d: ["--min-lr", "nan"], "--min-lr must be a finite number, got nan"),
     "weight decay NaN": (lambda d: ["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
     "grad clip NaN": (lambda d: ["--grad-clip", "nan"], r"--grad-clip must be > 0 \(inf turns clipping off\), got nan"),
+    "wandb project without wandb": (lambda d: ["--wandb-project", "p"], "--wandb-project only applies with --wandb"),
+    "keep checkpoints without any": (lambda d: ["--keep-checkpoints", "2"],
+                                     "--keep-checkpoints only applies to a run that saves checkpoints"),
     "NaN from TOML": (lambda d: ["--config", _file(d / "r.toml", "lr = nan\n")], "--lr must be a finite number"),
 }
 
