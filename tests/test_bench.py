@@ -3,11 +3,22 @@
 import argparse
 import json
 
+import pytest
+
+from torchmics.bench import command as bench_command
 from torchmics.bench.command import _systems
 from torchmics.cli import main
 
 REQUIRED = {"system", "partition_size", "nodes", "gpus_per_node", "emulated", "accum", "reduce_dtype",
             "tokens_per_s_per_gpu", "mfu", "peak_mem_gib", "device"}
+
+
+def _exit_status(argv: list[str]) -> int:
+    """main's status, or argparse's when it rejects a flag itself (it exits)."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
 
 
 def _records(out):
@@ -70,3 +81,18 @@ def test_bench_rejects_bad_input_before_running(tmp_path, capsys):
     assert "unknown systems ['zero9']" in capsys.readouterr().err
     assert main(["bench", "--partition-size", "3", "--out", str(tmp_path)]) == 2
     assert "Valid sizes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "gpt5"], "unknown model preset 'gpt5'"),
+    (["--seq-len", "100000"], "seq_len 100000 is outside model tiny's context"),
+    (["--micro-batch", "0"], "argument --micro-batch: must be an integer >= 1, got 0"),
+    (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+    (["--warmup", "-1"], "argument --warmup: must be an integer >= 0, got -1"),
+])
+def test_bench_refuses_what_no_system_can_run_without_recording_it(flags, message, tmp_path, capsys, monkeypatch):
+    # These used to run every system, record each as failed (or --micro-batch 0 as ok at 0 tok/s) and exit 0.
+    monkeypatch.setattr(bench_command, "run_system", lambda *a, **k: pytest.fail("ran a system for refused input"))
+    assert _exit_status(["bench", "--nproc", "2", "--systems", "torchmics", "--out", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.jsonl").exists()

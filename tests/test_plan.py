@@ -38,6 +38,7 @@ from torchmics.plan import (
 from torchmics.plan import auto
 from torchmics.plan.planner import explain
 from torchmics.plan.auto import gpu_profile, job_cluster, recommend_partition_size
+from torchmics.plan.failure import describe as describe_failure
 from torchmics.plan.failure import failure_cost
 from torchmics.plan.memory import GIB, estimate_host_memory
 from torchmics.plan.validate import COMMITTED, committed_checks, leave_one_out, render_checks
@@ -600,3 +601,11 @@ def test_failure_cost_with_and_without_fault_tolerant_replica_groups():
     assert cost.saving == pytest.approx(64 * 800 / (8 * 300))
     with pytest.raises(ValueError, match="partition size 3 must divide the world size 64"):
         failure_cost(64, 3, 2.0, 500, 300.0)
+
+
+def test_one_partition_group_gains_nothing_from_fault_tolerance():
+    # P = world: the failed group is the whole job, with no live group to copy the states from.
+    cost = failure_cost(16, 16, step_s=2.0, checkpoint_every=500, restart_s=300.0)
+    assert cost.with_ft_gpu_hours == cost.without_ft_gpu_hours == pytest.approx(16 * 800 / 3600)
+    line = describe_failure(cost, 16, 16, 500, 300.0)
+    assert "loses as much: at P = 16 = world there is one partition group" in line and "less)" not in line

@@ -67,6 +67,15 @@ def test_plan_of_a_bare_shape(capsys):
     assert code == 0 and f"**Recommendation: {best.label}**" in out
 
 
+def test_the_recommendation_never_calls_its_own_partition_size_unfit(capsys):
+    # 13B on 2 x 8 H100s: P = 16 with hierarchical collectives needs 74.9 GiB, flat fits and is recommended.
+    argv = ["--params", "13e9", "--layers", "40", "--d-model", "5120", "--nodes", "2"]
+    code, out, _ = _run(capsys, "plan", *argv)
+    line = _recommendation_line(out)
+    assert code == 0 and line.startswith("**Recommendation: mics P=16 flat**"), line
+    assert "P = 1, 2, 4, 8, 16 hier do not fit" in line and "(P = 16 hier needs 74.9 GiB)" in line, line
+
+
 def test_plan_of_a_hugging_face_config(tmp_path, capsys):
     config = {"num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32, "intermediate_size": 11008,
               "max_position_embeddings": 4096, "vocab_size": 32000, "hidden_act": "silu"}
@@ -102,8 +111,34 @@ def test_simulate_writes_what_it_prints(tmp_path, capsys):
         (["plan", "--layers", "4", "--nodes", "1"], "describe the model"),
         (["plan", "--model", "no-such-model", "--nodes", "1"], "unknown model preset"),
         (["plan", "--model", "1.4b", "--nodes", "1", "--calibrate", "missing.jsonl"], "no results file"),
+        (["simulate", "--model", "1.4b", "--cluster", "p4d", "--max-gpus", "4"],
+         "--max-gpus 4 is below the smallest size simulated on p4d, 8 GPUs"),
     ],
 )
 def test_errors_exit_2_with_the_reason(argv, message, tmp_path, capsys):
     code, _, err = _run(capsys, *argv, *(["--out", str(tmp_path)] if argv[0] == "simulate" else []))
     assert code == 2 and message in err
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--network-latency-us", "-5", "argument --network-latency-us: must be a number >= 0, got -5"),
+    ("--params", "-5", "argument --params: must be a positive number, got -5"),
+])
+def test_impossible_numbers_are_refused_by_the_parser(flag, value, message, capsys):
+    argv = ["plan", "--nodes", "1", *(["--layers", "2", "--d-model", "128"] if flag == "--params" else ["--model", "1.4b"])]
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, flag, value])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["plan", "simulate"])
+def test_every_flag_with_a_default_says_it(command):
+    import argparse
+
+    from torchmics.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    parser = subparsers.choices[command]
+    silent = [a.option_strings[0] for a in parser._actions
+              if a.option_strings and a.default not in (None, False, [], argparse.SUPPRESS) and "default" not in (a.help or "")]
+    assert silent == []

@@ -87,6 +87,17 @@ def test_stale_locks_are_taken_over_with_a_warning(tmp_path):
                 assert json.loads((tmp_path / case / LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
+def test_a_job_refused_before_spawning_leaves_no_folder_behind(tmp_path, capsys, no_spawn):
+    out = tmp_path / "runs" / "typo"
+    assert main(["train", *FLAGS, "--data", str(tmp_path / "missing.bin"), "--out", str(out)]) == 2
+    assert "missing.bin does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither --out nor the parent it created
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main(["train", *FLAGS, "--data", str(tmp_path / "missing.bin"), "--out", str(kept)]) == 2
+    assert kept.is_dir()  # a folder the user made stays
+
+
 def test_a_lock_on_another_host_is_refused_with_how_to_reclaim_it(tmp_path):
     _lock_as(tmp_path, replace(Holder.this_process(), host="elsewhere", pid=1))
     with pytest.raises(RunFolderBusy, match=f"pid 1 on elsewhere.*delete {tmp_path / LOCK_FILE}"):
@@ -196,6 +207,7 @@ def test_resume_from_an_older_step_runs_past_the_newer_checkpoints(reference, tm
     shutil.copytree(reference[0], out)
     result = _ok(_cli("train", *CHECKPOINTED, "--resume", str(out / "step_6"), "--out", str(out)))
     assert "moved the later checkpoints step_9, step_12 and a copy of metrics.jsonl" in result.stderr
+    assert f"weights   from the checkpoint {out / 'step_6'}\n" in result.stdout  # not "random init"
     assert _losses(_metrics(out)) == _losses(_metrics(reference[0]))
     assert sorted(p.name for p in out.glob("step_*")) == ["step_12", "step_6", "step_9"]
     (aside,) = out.glob("superseded-*")

@@ -167,6 +167,9 @@ def test_export_errors_are_one_line(checkpointed_run, tmp_path, capsys):
     cases = {
         str(damaged): (str(tmp_path / "new.safetensors"), r"step_10 is damaged: __0_0.distcp is truncated \(7 of \d+ bytes\)"),
         str(checkpointed_run[0] / "step_10"): (existing, "existing.safetensors already exists and is never overwritten"),
+        str(checkpointed_run[0]): (str(tmp_path / "new.safetensors"),  # once: "incomplete ... delete this folder"
+                                   r"is a run folder, not a checkpoint: pass one of its checkpoints, e.g. the newest, "
+                                   r".*step_10$"),
     }
     for source, (target, message) in cases.items():
         assert main(["export", source, "--to", target]) == 2
@@ -217,6 +220,15 @@ BAD_INPUTS = {  # case: (flags given a temporary folder, what the error must say
     "error feedback off, nothing quantized": (lambda d: ["--no-error-feedback"],
                                               "--no-error-feedback applies to a quantized replica hop only"),
     "resume from no checkpoint": (lambda d: ["--resume", str(d)], "is not a complete checkpoint"),
+    "lr NaN": (lambda d: ["--lr", "nan"], "--lr must be a finite number, got nan"),
+    "lr infinite": (lambda d: ["--lr", "inf"], "--lr must be a finite number, got inf"),
+    "min-lr NaN": (lambda d: ["--min-lr", "nan"], "--min-lr must be a finite number, got nan"),
+    "weight decay NaN": (lambda d: ["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+    "grad clip NaN": (lambda d: ["--grad-clip", "nan"], r"--grad-clip must be > 0 \(inf turns clipping off\), got nan"),
+    "wandb project without wandb": (lambda d: ["--wandb-project", "p"], "--wandb-project only applies with --wandb"),
+    "keep checkpoints without any": (lambda d: ["--keep-checkpoints", "2"],
+                                     "--keep-checkpoints only applies to a run that saves checkpoints"),
+    "NaN from TOML": (lambda d: ["--config", _file(d / "r.toml", "lr = nan\n")], "--lr must be a finite number"),
 }
 
 

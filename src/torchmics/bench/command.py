@@ -16,6 +16,7 @@ from torchmics.bench.report import results_table, write_outputs
 from torchmics.bench.runner import BenchConfig, run_system
 from torchmics.bench.systems import RENAMED_SYSTEMS, SINGLE_DEVICE_SYSTEMS, SYSTEMS
 from torchmics.dtypes import REPLICA_HOP_FORMATS, TRAINING_DTYPES
+from torchmics.models import build_model
 from torchmics.tables import read_jsonl
 from torchmics.topology import validate
 from torchmics.launch import LocalLaunch, spawn
@@ -27,19 +28,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="benchmark torchmics against FSDP2, HSDP and DDP on the same GPUs",
                               description="Measures tokens/s per GPU, MFU and peak memory of each system. "
                               "On CPU it runs a tiny model on gloo (a functional check, not a figure).")
-    p.add_argument("--model", default="1.4b" if ON_GPU else "tiny")
+    p.add_argument("--model", default="1.4b" if ON_GPU else "tiny", help="a GPT preset or hf:<config.json> (default: %(default)s)")
     p.add_argument("--systems", default=None, help=f"comma-separated, from: {', '.join(SYSTEMS)} (default: all; "
                    f"{', '.join(SINGLE_DEVICE_SYSTEMS)} only with --nproc 1)")
-    p.add_argument("--partition-size", type=int, default=None, help="torchmics/HSDP partition size (default: GPUs per node)")
-    p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 4)
-    p.add_argument("--emulate-nodes", type=int, default=1)
-    p.add_argument("--accum", type=int, default=4 if ON_GPU else 2)
-    p.add_argument("--micro-batch", type=int, default=4 if ON_GPU else 2)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--steps", type=int, default=6 if ON_GPU else 2, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=3 if ON_GPU else 1, help="untimed steps first")
-    p.add_argument("--reduce-dtype", choices=TRAINING_DTYPES, default="bf16")
-    p.add_argument("--param-dtype", choices=TRAINING_DTYPES, default="bf16" if ON_GPU else "fp32")
+    p.add_argument("--partition-size", type=positive_int, default=None, help="torchmics/HSDP partition size (default: GPUs per node)")
+    p.add_argument("--nproc", type=positive_int, default=torch.cuda.device_count() or 4,
+                   help="processes on this machine (default: %(default)s)")
+    p.add_argument("--emulate-nodes", type=positive_int, default=1,
+                   help="split the processes into this many emulated nodes, dividing --nproc (default: %(default)s)")
+    p.add_argument("--accum", type=positive_int, default=4 if ON_GPU else 2,
+                   help="micro-steps per optimizer step (default: %(default)s)")
+    p.add_argument("--micro-batch", type=positive_int, default=4 if ON_GPU else 2,
+                   help="sequences per GPU per micro-step (default: %(default)s)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default: the model's)")
+    p.add_argument("--steps", type=positive_int, default=6 if ON_GPU else 2,
+                   help="timed steps, median reported (default: %(default)s)")
+    p.add_argument("--warmup", type=non_negative_int, default=3 if ON_GPU else 1,
+                   help="untimed steps first (default: %(default)s)")
+    p.add_argument("--reduce-dtype", choices=TRAINING_DTYPES, default="bf16",
+                   help="gradient reduction dtype (default: %(default)s)")
+    p.add_argument("--param-dtype", choices=TRAINING_DTYPES, default="bf16" if ON_GPU else "fp32",
+                   help="compute dtype of the gathered parameters (default: %(default)s)")
     p.add_argument("--replica-reduce-dtype", choices=REPLICA_HOP_FORMATS, default=None,
                    help="torchmics systems: format of the replica hop (precision per hop; int8 / fp8: quantized "
                    "blocks with error feedback); default: --reduce-dtype")
@@ -54,6 +63,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--collectives", action="store_true", help="measure flat vs hierarchical collectives instead")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>-<nodes>x<gpus>)")
     p.set_defaults(run=run)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a size of zero would be recorded as a failed (or a 0 tok/s) run, not refused."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type for step counts that may be zero."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
 
 
 def _systems(args: argparse.Namespace) -> list[str]:
@@ -76,6 +101,8 @@ def _systems(args: argparse.Namespace) -> list[str]:
 def _config(args: argparse.Namespace) -> BenchConfig:
     args.systems = ",".join(_systems(args))
     LocalLaunch(args.nproc, args.emulate_nodes)  # validates the split into nodes
+    with torch.device("meta"):  # an unknown preset or too long a sequence, refused here and not per system
+        build_model(args.model, args.seq_len)
     profile_dir = str(_out_dir(args) / "profiles") if args.profile else None
     return BenchConfig(args.model, args.micro_batch, args.seq_len, args.accum, args.steps, args.warmup,
                        args.emulate_nodes, args.nproc, args.reduce_dtype, args.param_dtype, args.replica_reduce_dtype,

@@ -23,7 +23,7 @@ from torchmics.plan.planner import (
     recommend,
     render_table,
 )
-from torchmics.plan.simulate import default_sizes, render_rows, simulate, write_outputs
+from torchmics.plan.simulate import default_sizes, render_rows, simulate, smallest_default_size, write_outputs
 from torchmics.plan.strategy import Strategy, options
 
 SHAPE_FLAGS = ("params", "layers", "d_model")  # a bare shape needs all three
@@ -48,7 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "cost model; MiCS uses the planner's partition size at every size.",
     )
     _add_common(s, default_cluster="p4d")
-    s.add_argument("--max-gpus", type=positive_int, default=1024)
+    s.add_argument("--max-gpus", type=positive_int, default=1024,
+                   help="largest cluster of the default sizes (default: %(default)s)")
     s.add_argument("--gpus", type=cluster_sizes, default=None, help="comma-separated sizes (default: powers of two)")
     s.add_argument("--out", default=None, help="output folder (default benchmarks/simulate/<cluster>-<model>)")
     s.set_defaults(run=run_simulate)
@@ -57,25 +58,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _add_common(p: argparse.ArgumentParser, default_cluster: str) -> None:
     model = p.add_argument_group("model: --model, or a bare shape (--params, --layers, --d-model)")
     model.add_argument("--model", default=None, help="preset name (mics-100b, 1.4b, ...) or hf:<config.json>")
-    model.add_argument("--params", type=float, default=None, help="parameter count, e.g. 13e9")
+    model.add_argument("--params", type=positive_float, default=None, help="parameter count, e.g. 13e9")
     model.add_argument("--layers", type=positive_int, default=None)
     model.add_argument("--d-model", type=positive_int, default=None)
     model.add_argument("--heads", type=positive_int, default=None, help="default: d_model / 128")
-    model.add_argument("--vocab-size", type=positive_int, default=50304)
+    model.add_argument("--vocab-size", type=positive_int, default=50304, help="default: %(default)s")
     model.add_argument("--seq-len", type=positive_int, default=None, help="default: the model's (2048 for a shape)")
     cluster = p.add_argument_group("cluster")
-    cluster.add_argument("--cluster", default=default_cluster, help="a profile of torchmics.plan.PROFILES")
+    cluster.add_argument("--cluster", default=default_cluster,
+                         help="a profile of torchmics.plan.PROFILES (default: %(default)s)")
     cluster.add_argument("--gpus-per-node", type=positive_int, default=None, help="default: the profile's")
     cluster.add_argument("--calibrate", action="append", default=[], metavar="RESULTS_JSONL",
                          help="fit links and MFU to `torchmics bench` results (repeatable, applied in order)")
-    cluster.add_argument("--network-latency-us", type=float, default=None,
+    cluster.add_argument("--network-latency-us", type=non_negative_float, default=None,
                          help="override the network's latency per ring step (a what-if)")
     train = p.add_argument_group("training")
-    train.add_argument("--micro-batch", type=positive_int, default=4, help="sequences per GPU per micro-step")
-    train.add_argument("--accum", type=positive_int, default=1, help="micro-steps per optimizer step")
+    train.add_argument("--micro-batch", type=positive_int, default=4, help="sequences per GPU per micro-step (default: %(default)s)")
+    train.add_argument("--accum", type=positive_int, default=1, help="micro-steps per optimizer step (default: %(default)s)")
     train.add_argument("--activation-checkpointing", action="store_true")
-    train.add_argument("--param-dtype", choices=tuple(DTYPES), default="bf16")
-    train.add_argument("--reduce-dtype", choices=tuple(DTYPES), default="fp32")
+    train.add_argument("--param-dtype", choices=tuple(DTYPES), default="bf16", help="default: %(default)s")
+    train.add_argument("--reduce-dtype", choices=tuple(DTYPES), default="fp32", help="default: %(default)s")
     train.add_argument("--replica-reduce-dtype", choices=REPLICA_HOP_FORMATS, default=None,
                        help="format of the replica hop alone (precision per hop; int8 / fp8: quantized blocks "
                        "with error feedback); default: --reduce-dtype")
@@ -84,9 +86,9 @@ def _add_common(p: argparse.ArgumentParser, default_cluster: str) -> None:
     train.add_argument("--cpu-offload", action="store_true",
                        help="keep sharded parameters, gradients and optimizer states in host memory")
     failures = p.add_argument_group("what a failure costs (with and without train --fault-tolerant)")
-    failures.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")
+    failures.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints (default: %(default)s)")
     failures.add_argument("--restart-s", type=positive_float, default=300.0,
-                          help="seconds from a failure to the restarted ranks' first step")
+                          help="seconds from a failure to the restarted ranks' first step (default: %(default)s)")
 
 
 def positive_int(text: str) -> int:
@@ -102,6 +104,14 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type for a what-if latency: zero is a fair question, a negative one is not."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -200,6 +210,9 @@ def run_simulate(args: argparse.Namespace) -> None:
     name, model = model_from_args(args)
     cluster = cluster_from_args(args)
     sizes = args.gpus or default_sizes(cluster.gpus_per_node, args.max_gpus)
+    if not sizes:  # simulate() would take an empty list for its default, up to 1024 GPUs
+        raise ValueError(f"--max-gpus {args.max_gpus} is below the smallest size simulated on {cluster.name}, "
+                         f"{smallest_default_size(cluster.gpus_per_node)} GPUs; raise it, or list sizes with --gpus")
     rows = simulate(model, cluster, args.micro_batch, args.accum, args.activation_checkpointing, sizes,
                     options_from_args(args))
     title = f"Weak scaling of {name} on {cluster.name} (cost model)"

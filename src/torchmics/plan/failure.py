@@ -5,7 +5,8 @@ the last checkpoint, so every GPU loses the restart and the steps since that che
 interval on average (failures come at random times). With fault tolerance only the failed partition
 group's ``P`` GPUs stop: they lose their restart, then copy the state from a live group (a transfer of
 the group's model states, counted here as part of the restart) and rejoin at a step boundary; the
-survivors lose no step (they train on with a smaller global batch while the group is away).
+survivors lose no step (they train on with a smaller global batch while the group is away). With a
+single partition group (P = world) there is no live group to copy from: fault tolerance saves nothing.
 """
 
 from __future__ import annotations
@@ -40,15 +41,23 @@ def failure_cost(world: int, partition_size: int, step_s: float, checkpoint_ever
                          f"{checkpoint_every}, {restart_s}")
     redone = checkpoint_every / 2
     without = world * (redone * step_s + restart_s) / 3600
+    if partition_size == world:  # the only group restarts from the checkpoint either way
+        return FailureCost(without, without, redone)
     return FailureCost(without, partition_size * restart_s / 3600, redone)
 
 
 def describe(cost: FailureCost, world: int, partition_size: int, checkpoint_every: int, restart_s: float) -> str:
     """The plan's lines on failures: both costs, and what they assume."""
-    return (
+    without = (
         f"**One failure** (checkpoint every {checkpoint_every} steps, {restart_s:.0f} s restart): without fault "
         f"tolerance all {world} GPUs redo {cost.redone_steps_without_ft:g} steps on average and wait for the "
-        f"restart, {cost.without_ft_gpu_hours:.2f} GPU-hours lost; with `train --fault-tolerant` (torchft) only the "
+        f"restart, {cost.without_ft_gpu_hours:.2f} GPU-hours lost; "
+    )
+    if partition_size == world:
+        return without + (f"`train --fault-tolerant` (torchft) loses as much: at P = {partition_size} = world there "
+                          "is one partition group, and no live group to recover from (it needs P < world).")
+    return without + (
+        f"with `train --fault-tolerant` (torchft) only the "
         f"failed partition group's {partition_size} GPUs lose their restart, {cost.with_ft_gpu_hours:.2f} GPU-hours "
         f"({cost.saving:.0f}x less), and the surviving groups lose 0 steps (the global batch shrinks while it is away)."
     )

@@ -135,9 +135,10 @@ def explain(candidates: list[Candidate], chosen: Candidate) -> str:
         if unfit:
             widest = max(unfit, key=lambda c: c.partition_size)
             needs = widest.memory.total if limit == "GPU" else widest.host.peak
-            sizes = ", ".join(map(str, sorted({c.partition_size for c in unfit})))
+            sizes = ", ".join(dict.fromkeys(_size_name(c, candidates) for c in sorted(unfit, key=lambda c: c.partition_size)))
             reasons.append(f"P = {sizes} do not fit in {usable / GIB:.1f} GiB of {limit} memory usable per "
-                           f"{'GPU' if limit == 'GPU' else 'rank'} (P = {widest.partition_size} needs {needs / GIB:.1f} GiB)")
+                           f"{'GPU' if limit == 'GPU' else 'rank'} (P = {_size_name(widest, candidates)} needs "
+                           f"{needs / GIB:.1f} GiB)")
     fastest = max((c for c in candidates if c.fits), key=lambda c: c.cost.tokens_per_s_per_gpu)
     speed = f"{chosen.cost.tokens_per_s_per_gpu:,.0f} tokens/s per GPU"
     if fastest is chosen:
@@ -149,6 +150,14 @@ def explain(candidates: list[Candidate], chosen: Candidate) -> str:
             f"collectives on the fewest GPUs"
         )
     return "; ".join(reasons) + "."
+
+
+def _size_name(candidate: Candidate, candidates: list[Candidate]) -> str:
+    """``16``; or ``16 hier`` when the other collectives of P = 16 fit (the sentence must not call the chosen P unfit)."""
+    siblings = [c for c in candidates if c.partition_size == candidate.partition_size]
+    if all(c.limit == candidate.limit for c in siblings):
+        return str(candidate.partition_size)
+    return candidate.label.split("P=", 1)[1]
 
 
 def render_table(candidates: list[Candidate], highlight: Candidate | None = None) -> str:

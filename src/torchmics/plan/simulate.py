@@ -61,9 +61,14 @@ class SimRow:
     efficiency: float  # tokens/s per GPU relative to this strategy's smallest fitting size
 
 
+def smallest_default_size(gpus_per_node: int) -> int:
+    """Where the default sweep starts: one node, or 8 GPUs if nodes are smaller."""
+    return max(8, gpus_per_node)
+
+
 def default_sizes(gpus_per_node: int, max_gpus: int = 1024) -> list[int]:
-    """Powers of two from one node (or 8 GPUs, if nodes are smaller) up to ``max_gpus``."""
-    sizes, g = [], max(8, gpus_per_node)
+    """Powers of two from :func:`smallest_default_size` up to ``max_gpus``."""
+    sizes, g = [], smallest_default_size(gpus_per_node)
     while g <= max_gpus:
         sizes.append(g)
         g *= 2

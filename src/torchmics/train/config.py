@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -76,10 +77,13 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        for name in ("lr", "min_lr", "weight_decay"):  # NaN passes every comparison below; inf diverges at once
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         for name in ("warmup", "checkpoint_every", "weight_decay", "max_skipped_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.grad_clip <= 0:
+        if not self.grad_clip > 0:  # also NaN
             raise ValueError(f"--grad-clip must be > 0 (inf turns clipping off), got {self.grad_clip}")
         if self.mixed_precision not in CHOICES["mixed_precision"]:
             raise ValueError(f"--mixed-precision must be fp32 or bf16, got {self.mixed_precision!r}")
@@ -94,10 +98,19 @@ class TrainConfig:
                              "their replica hop runs on gradient shards, which offloading keeps in host memory")
         if self.partition_size != "auto" and not str(self.partition_size).isdigit():
             raise ValueError(f"--partition-size must be a positive integer or 'auto', got {self.partition_size!r}")
+        self._refuse_flags_without_effect()
         self._validate_fault_tolerance()
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
 
+
+    def _refuse_flags_without_effect(self) -> None:
+        """A flag that would change nothing is probably missing its partner flag: say which."""
+        if self.wandb_project is not None and not self.wandb:
+            raise ValueError("--wandb-project only applies with --wandb: add --wandb, or drop --wandb-project")
+        if self.keep_checkpoints is not None and self.checkpoint_every == 0 and self.resume is None:
+            raise ValueError("--keep-checkpoints only applies to a run that saves checkpoints: add --checkpoint-every N, "
+                             "or drop --keep-checkpoints")
 
     def _validate_fault_tolerance(self) -> None:
         given = [name for name in ("lighthouse", "replica_group", "replica_groups") if getattr(self, name) is not None]

@@ -135,6 +135,8 @@ def train(cfg: TrainConfig) -> dict:
     val_sampler = BatchSampler(data.val, info.seq_len, cfg.micro_batch * data_world, data_rank, data_world, cfg.seed + 1)
     resumed_from = _resume_path(cfg)
     start = 0 if resumed_from is None else int(checkpoint.load_checkpoint(resumed_from, model, optimizer)["step"])
+    if resumed_from is not None:  # the checkpoint replaced the random or pretrained weights shard_model reported
+        weights = f"from the checkpoint {resumed_from}"
     steps = _step_counter(cfg, model, optimizer, start)
     start = steps.start_step()  # a replica group rejoining a fault-tolerant job is healed here, and skips ahead
     reporter = Reporter(cfg, topo, info, data.source, model, enabled=rank == 0, start=start, resumed_from=resumed_from)

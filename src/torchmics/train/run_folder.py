@@ -96,11 +96,13 @@ def hold(out: str) -> Iterator[bool]:
 
     Also proves ``out`` writable before anything else happens. Released on every way out of the
     ``with`` block; a process killed without cleanup leaves a lock that the next job finds stale.
+    Folders it created and nothing filled are removed then: a job refused by its checks leaves no trace.
     """
     me = Holder.this_process()
     lock = Path(out) / LOCK_FILE
     if lock.parent.exists() and not lock.parent.is_dir():
         raise ValueError(f"--out {out} is a file; it must be a folder (or not exist yet)")
+    created = _missing_folders(lock.parent)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         replaced = _acquire(lock, me)
@@ -116,6 +118,25 @@ def hold(out: str) -> Iterator[bool]:
         yield own_attempt
     finally:
         _release(lock, me)
+        _remove_if_empty(created)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty; one holding anything stops it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _acquire(lock: Path, me: Holder) -> Holder | None:
