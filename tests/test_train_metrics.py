@@ -128,9 +128,10 @@ def test_warmup_is_gpt3s_375m_tokens_capped_at_a_tenth_of_the_run():
     tokens_per_step = 2**20  # GPT-3 XL's 1M-token batch: 375M tokens are 358 steps
     assert schedules.default_warmup(steps=100_000, tokens_per_step=tokens_per_step) == 358
     assert schedules.default_warmup(steps=1000, tokens_per_step=tokens_per_step) == 100
-    sched = schedules.Schedule(lr=2e-4, min_lr=2e-5, warmup=10, steps=100)
+    sched = schedules.Schedule(lr=2e-4, min_lr=2e-5, warmup=10, steps=101)  # steps 0-100
     assert sched.lr_at(0) == pytest.approx(2e-5) and sched.lr_at(9) == pytest.approx(2e-4)
-    assert sched.lr_at(55) == pytest.approx(1.1e-4) and sched.lr_at(100) == pytest.approx(2e-5)  # cosine midpoint, end
+    assert sched.lr_at(55) == pytest.approx(1.1e-4)  # the cosine's midpoint
+    assert sched.lr_at(100) == pytest.approx(2e-5)  # the last step trains at min_lr, as the plan says
 
 
 def test_peak_flops_by_device_name():

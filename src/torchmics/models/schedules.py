@@ -76,7 +76,8 @@ def default_warmup(steps: int, tokens_per_step: int) -> int:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at step ``steps``."""
+    """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr``, which the last of
+    ``steps`` steps trains with (the printed plan's "at step N" counts from 1, as the progress lines do)."""
 
     lr: float
     min_lr: float
@@ -87,7 +88,7 @@ class Schedule:
         """The learning rate of optimizer step ``step`` (0-based)."""
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        progress = (step - self.warmup) / max(1, self.steps - 1 - self.warmup)
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
