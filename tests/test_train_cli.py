@@ -246,6 +246,20 @@ def test_a_fresh_run_refuses_an_out_dir_holding_checkpoints(checkpointed_run, ca
     assert "already holds checkpoints of a run" in err and "pass --resume auto to continue it" in err, err
 
 
+@pytest.mark.parametrize(("nproc", "emulate_nodes", "launch"), [
+    (None, None, (4, 2)),  # the CPU default: 2 nodes x 2, so the hierarchy runs
+    (3, None, (3, 1)),  # odd: one node, where it was "cannot split 3 processes into 2 emulated nodes"
+    (6, None, (6, 2)),
+    (6, 3, (6, 3)),
+])
+def test_the_cpu_default_splits_the_processes_into_two_nodes_only_when_they_divide(nproc, emulate_nodes, launch,
+                                                                                     monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    cfg = TrainConfig(model="tiny", seq_len=64, out=str(tmp_path), nproc=nproc, emulate_nodes=emulate_nodes)
+    started = command.preflight(cfg)
+    assert (started.nprocs, started.nodes) == launch
+
+
 # ---- torchrun and the examples ------------------------------------------------------------------
 
 

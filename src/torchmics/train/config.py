@@ -27,7 +27,7 @@ class TrainConfig:
     model: str = "small"  # preset name or hf:<path to config.json>
     data: str | None = None  # token file (prepare-data) / .bin of uint16 tokens / text file or folder; None: stdlib
     nproc: int | None = None  # local processes; None: all GPUs, or 4 on CPU
-    emulate_nodes: int | None = None  # None: 2 on CPU (so the hierarchy runs), 1 on GPUs
+    emulate_nodes: int | None = None  # None: 2 on CPU for an even nproc (so the hierarchy runs), else 1
     gpus_per_node: int | None = None  # None: processes per (emulated) node
     partition_size: str = "auto"  # int, or auto: the planner's choice (the whole world on CPU)
     micro_batch: int = 8  # sequences per rank per micro-step
@@ -166,7 +166,7 @@ HELP: dict[str, str] = {
     "(nanoGPT's), or a text file or folder read as bytes (default: the Python standard library's source, byte-level)",
     "nproc": "processes to start on this machine, >= 1 (default: one per GPU, or 4 on CPU)",
     "emulate_nodes": "split the local processes into this many emulated nodes, >= 1, dividing --nproc "
-    "(default: 2 on CPU, so the hierarchical collectives run; 1 on GPUs)",
+    "(default: 2 on CPU for an even --nproc, so the hierarchical collectives run; else 1)",
     "gpus_per_node": "ranks per node the topology assumes, >= 1 (default: processes per node)",
     "partition_size": "ranks that shard one model replica: an integer dividing the world size, or auto "
     "(the planner's choice; the whole world on CPU)",

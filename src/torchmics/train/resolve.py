@@ -23,7 +23,10 @@ def local_launch_shape(cfg: TrainConfig) -> tuple[int, int]:
     """(processes, emulated nodes) for a run this machine spawns itself."""
     gpus = torch.cuda.device_count()
     nproc = cfg.nproc or gpus or CPU_DEFAULT_NPROC
-    nodes = cfg.emulate_nodes or (1 if gpus else min(CPU_DEFAULT_NODES, nproc))
+    if cfg.emulate_nodes:
+        return nproc, cfg.emulate_nodes
+    # On CPU two emulated nodes let the hierarchical collectives run, where the processes split evenly.
+    nodes = 1 if gpus or nproc % CPU_DEFAULT_NODES else CPU_DEFAULT_NODES
     return nproc, nodes
 
 
