@@ -201,7 +201,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(uninterrupted, tmp_path):
     leftovers = [name for name in os.listdir(run_dir) if name.startswith("step_3")]
     assert len(leftovers) == 1 and ".tmp-" in leftovers[0]  # never renamed to step_3
     assert not any(name.startswith("step_9") for name in os.listdir(run_dir))  # bad extra: nothing written
-    with pytest.raises(ValueError, match="incomplete"):
+    with pytest.raises(ValueError, match="is an interrupted save, not a checkpoint: use a complete checkpoint"):
         export_checkpoint(os.path.join(run_dir, leftovers[0]), str(tmp_path / "model.safetensors"))
 
 

@@ -253,6 +253,8 @@ def test_bad_resume_and_out_fail_before_spawning_in_one_line(reference, tmp_path
         "another model": (["--model", "small", "--resume", "auto"],
                           f"the checkpoint to resume from, {out / 'step_12'}, does not fit --model small .*pass --model tiny"),
         "truncated": (["--resume", str(out / "step_9")], r"step_9 is damaged: rng/rank1.pt is truncated \(3 of"),
+        "the run folder": (["--resume", str(out)], r"--resume: .*run is a run folder, not a checkpoint: pass one of "
+                                                   r"its checkpoints, e.g. the newest, .*step_12 \(or --resume auto"),
         "read-only out": (["--out", "/sys/torchmics-run"], "--out /sys/torchmics-run cannot be written"),
         "keep 0": (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1, got 0"),
     }

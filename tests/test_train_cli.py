@@ -220,6 +220,7 @@ BAD_INPUTS = {  # case: (flags given a temporary folder, what the error must say
     "error feedback off, nothing quantized": (lambda d: ["--no-error-feedback"],
                                               "--no-error-feedback applies to a quantized replica hop only"),
     "resume from no checkpoint": (lambda d: ["--resume", str(d)], "is not a complete checkpoint"),
+    "resume from nothing": (lambda d: ["--resume", str(d / "gone")], r"--resume: no checkpoint at .*gone: expected"),
     "lr NaN": (lambda d: ["--lr", "nan"], "--lr must be a finite number, got nan"),
     "lr infinite": (lambda d: ["--lr", "inf"], "--lr must be a finite number, got inf"),
     "min-lr NaN": (lambda d: ["--min-lr", "nan"], "--min-lr must be a finite number, got nan"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-from torchmics.checkpoint import complete_checkpoints
 from torchmics.export import WEIGHTS_FILE, export_checkpoint
 
 
@@ -34,15 +33,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    _refuse_a_run_folder(args.checkpoint)
     export_checkpoint(args.checkpoint, args.to, hf_config=args.hf_config)
     written = args.to if args.to.endswith(".safetensors") else os.path.join(args.to, WEIGHTS_FILE)
     print(f"wrote {written} ({os.path.getsize(written) / 2**20:.1f} MiB) from {args.checkpoint}")
 
-
-def _refuse_a_run_folder(path: str) -> None:
-    """A run folder is not a checkpoint: the export would call it an interrupted save and advise deleting it."""
-    inside = complete_checkpoints(path)
-    if inside:
-        raise ValueError(f"{path} is a run folder, not a checkpoint: pass one of its checkpoints, "
-                         f"e.g. the newest, {inside[0]}")

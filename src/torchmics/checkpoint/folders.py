@@ -95,14 +95,20 @@ def _is_complete(path: str) -> bool:
 
 
 def read_metadata(path: str) -> dict[str, Any]:
-    """The checkpoint's ``torchmics.json``; a clear error for a missing, interrupted or damaged checkpoint."""
+    """The checkpoint's ``torchmics.json``; a clear error for a missing, interrupted or damaged checkpoint,
+    or a folder that is no checkpoint (a run folder is named as one, with its newest checkpoint)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint at {path}: expected a step_<N> folder holding {METADATA_FILE}")
+    if TEMP_MARK in os.path.basename(os.path.normpath(path)):
+        raise ValueError(f"{path} is an interrupted save, not a checkpoint: use a complete checkpoint of the run "
+                         "(remove_interrupted_saves, and every `torchmics train` of the run, clean these up)")
     if not _is_complete(path):
-        raise ValueError(
-            f"checkpoint {path} is incomplete: the save that wrote it was interrupted (it is a temporary "
-            f"folder or lacks {METADATA_FILE}). Use a complete checkpoint of the run and delete this folder."
-        )
+        inside = complete_checkpoints(path)
+        if inside:
+            raise ValueError(f"{path} is a run folder, not a checkpoint: pass one of its checkpoints, "
+                             f"e.g. the newest, {inside[0]}")
+        raise ValueError(f"{path} is not a complete checkpoint (no {METADATA_FILE} in it: an interrupted save, "
+                         "or another kind of folder); pass a step_<N> folder of a run")
     try:
         with open(os.path.join(path, METADATA_FILE)) as f:
             return json.load(f)

@@ -116,11 +116,10 @@ def _resume_candidate(cfg: TrainConfig) -> str | None:
             raise ValueError(f"--resume auto: every checkpoint in --out {cfg.out} is damaged ({named}); "
                              "restore one from a copy, or choose another --out for a fresh run")
         return usable[0] if usable else None
-    if not (Path(cfg.resume) / checkpoint.METADATA_FILE).is_file():
-        raise ValueError(
-            f"--resume {cfg.resume} is not a complete checkpoint (no {checkpoint.METADATA_FILE} in it); "
-            "pass a step_<N> folder of a run, or --resume auto for the newest one in --out"
-        )
+    try:
+        checkpoint.read_metadata(cfg.resume)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"--resume: {err} (or --resume auto for the newest one in --out)") from err
     damage = checkpoint.size_damage(cfg.resume)
     if damage:
         raise ValueError(
