@@ -113,11 +113,17 @@ def test_simulate_writes_what_it_prints(tmp_path, capsys):
         (["plan", "--model", "1.4b", "--nodes", "1", "--calibrate", "missing.jsonl"], "no results file"),
         (["simulate", "--model", "1.4b", "--cluster", "p4d", "--max-gpus", "4"],
          "--max-gpus 4 is below the smallest size simulated on p4d, 8 GPUs"),
+        (["plan", "--model", "1.4b", "--heads", "8", "--nodes", "1"], "either --model or a bare shape"),
+        (["plan", "--params", "13e9", "--layers", "40", "--d-model", "5120", "--heads", "7", "--nodes", "1"],
+         "--heads 7 must divide --d-model 5120"),
+        (["simulate", "--model", "1.4b", "--cluster", "p4d", "--out", "{file}"], "is a file; it must be a folder"),
     ],
 )
 def test_errors_exit_2_with_the_reason(argv, message, tmp_path, capsys):
-    code, _, err = _run(capsys, *argv, *(["--out", str(tmp_path)] if argv[0] == "simulate" else []))
-    assert code == 2 and message in err
+    (tmp_path / "a-file").write_text("")
+    argv = [arg.replace("{file}", str(tmp_path / "a-file")) for arg in argv]
+    code, _, err = _run(capsys, *argv, *(["--out", str(tmp_path)] if argv[0] == "simulate" and "--out" not in argv else []))
+    assert code == 2 and message in err, err
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [

@@ -129,8 +129,10 @@ def cluster_sizes(text: str) -> list[int]:
 def model_from_args(args: argparse.Namespace) -> tuple[str, ModelSpec]:
     """(a name for titles, the spec) from ``--model`` or the bare-shape flags; exactly one of them."""
     shape = [getattr(args, flag) for flag in SHAPE_FLAGS]
-    if args.model is not None and any(v is not None for v in shape):
-        raise ValueError("give either --model or a bare shape (--params, --layers, --d-model), not both")
+    if args.model is not None and any(v is not None for v in [*shape, args.heads]):
+        raise ValueError("give either --model or a bare shape (--params, --layers, --d-model, --heads), not both")
+    if args.heads is not None and args.d_model is not None and args.d_model % args.heads:
+        raise ValueError(f"--heads {args.heads} must divide --d-model {args.d_model} (each head has d_model / heads channels)")
     if args.model is not None:
         spec, name = ModelSpec.from_name(args.model), _short_name(args.model)
     elif all(v is not None for v in shape):
@@ -213,11 +215,13 @@ def run_simulate(args: argparse.Namespace) -> None:
     if not sizes:  # simulate() would take an empty list for its default, up to 1024 GPUs
         raise ValueError(f"--max-gpus {args.max_gpus} is below the smallest size simulated on {cluster.name}, "
                          f"{smallest_default_size(cluster.gpus_per_node)} GPUs; raise it, or list sizes with --gpus")
+    out = Path(args.out or f"benchmarks/simulate/{cluster.name}-{name}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; it must be a folder (or not exist yet)")
     rows = simulate(model, cluster, args.micro_batch, args.accum, args.activation_checkpointing, sizes,
                     options_from_args(args))
     title = f"Weak scaling of {name} on {cluster.name} (cost model)"
     notes = setting(args, model, cluster)
-    out = Path(args.out or f"benchmarks/simulate/{cluster.name}-{name}")
     paths = write_outputs(rows, out, title, notes)
     print(f"# {title}\n\n{notes}\n\n{render_rows(rows)}\n")
     largest = max((r for r in rows if r.strategy == "mics"), key=lambda r: r.gpus, default=None)
