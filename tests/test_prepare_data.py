@@ -193,6 +193,10 @@ def _bad_inputs(d: Path, tokenizer: Path) -> dict[str, tuple[list[str], str]]:
     no_eos = save(large_word_level(10, last_token="<pad>"), d / "noeos.json")
     (d / "no-tokenizer").mkdir()
     (d / "no-tokenizer" / "tokenizer_config.json").write_text("{}")
+    (d / "empty").mkdir()
+    (d / "texts").mkdir()
+    (d / "texts" / "a.txt").write_text("text")
+    (d / "config.json").write_text('{"model_type": "gpt2"}')
     base = ["--tokenizer", str(tokenizer), "--out", str(d / "o.bin")]
     return {
         "missing input": ([str(d / "nope.txt"), *base], r"input .*nope.txt does not exist"),
@@ -200,6 +204,14 @@ def _bad_inputs(d: Path, tokenizer: Path) -> dict[str, tuple[list[str], str]]:
             [str(text), "--tokenizer", str(d / "no-tokenizer"), "--out", "o"],
             r"no-tokenizer holds no tokenizer.json and transformers cannot load a tokenizer from it",
         ),
+        "empty tokenizer folder": (
+            [str(text), "--tokenizer", str(d / "empty"), "--out", "o"], r"tokenizer folder .*empty is empty; give a"
+        ),
+        "a model config for a tokenizer": (
+            [str(text), "--tokenizer", str(d / "config.json"), "--out", "o"],
+            r"config.json is not a Hugging Face tokenizers file \(a tokenizer.json\)",
+        ),
+        "an input twice": ([str(d / "texts"), str(d / "texts" / "a.txt"), *base], r"input .*a.txt is given twice"),
         "missing tokenizer": (
             [str(text), "--tokenizer", str(d / "t.json"), "--out", "o"],
             r"tokenizer .*t.json does not exist",

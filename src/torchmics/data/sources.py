@@ -47,7 +47,11 @@ def expand_inputs(inputs: Iterable[str]) -> list[Path]:
             files.append(given)
         else:
             raise ValueError(f"input {given} does not exist")
+    seen: set[Path] = set()
     for f in files:
+        if f.resolve() in seen:
+            raise ValueError(f"input {f} is given twice (a file and a folder holding it, say); list each file once")
+        seen.add(f.resolve())
         if f.suffix == ".json":
             raise ValueError(
                 f"{f}: a .json file is read neither as JSON Lines (name it .jsonl) nor as text (name it .txt)"

@@ -74,6 +74,9 @@ def load_tokenizer(path: str | Path) -> LocalTokenizer:
     file = path / "tokenizer.json" if path.is_dir() else path
     if file.is_file():
         backend = _from_file(file)
+    elif not any(path.iterdir()):  # transformers would answer with advice on sentencepiece and tiktoken
+        raise ValueError(f"tokenizer folder {path} is empty; give a tokenizer.json, or the folder of a Hugging Face "
+                         "model that ships its tokenizer")
     else:
         backend = _from_transformers(path)
     serialized = backend.to_str()
@@ -110,7 +113,7 @@ def _from_file(file: Path):
     try:
         return Tokenizer.from_file(str(file))
     except Exception as err:  # tokenizers raises its own exception type for a bad file
-        raise ValueError(f"{file} is not a Hugging Face tokenizers file: {err}") from err
+        raise ValueError(f"{file} is not a Hugging Face tokenizers file (a tokenizer.json): {err}") from err
 
 
 def _from_transformers(folder: Path):
