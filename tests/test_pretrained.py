@@ -224,3 +224,33 @@ def test_train_refuses_weights_that_do_not_fit_before_spawning(tmp_path):
     assert "mlp.gate_proj.weight: folder [48, 32] vs model [40, 32]" in result.stderr
     assert "--random-init" in result.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _train_refusing_pretrained_reads(cfg) -> None:
+    """`train` in a rank where reading a pretrained folder raises (train/build.py calls torchmics.load_pretrained)."""
+    from torchmics.train.loop import train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read the pretrained weights")
+
+    torchmics.load_pretrained = refuse
+    train(cfg)
+
+
+def test_a_resumed_fine_tune_takes_its_weights_from_the_checkpoint_without_reading_the_folder(tmp_path):
+    from torchmics.train import command, loop
+    from torchmics.train.config import TrainConfig
+
+    folder = _llama_folder(tmp_path / "llama")
+
+    def config(out: str, **flags) -> TrainConfig:
+        cfg = TrainConfig(model=f"hf:{folder}", nproc=2, accum=1, micro_batch=2, seq_len=32, log_every=1,
+                          eval_every=1, checkpoint_every=1, out=str(tmp_path / out), **flags)
+        command.preflight(cfg, check_results=False)
+        return cfg
+
+    with pytest.raises(Exception, match="read the pretrained weights"):  # the refusal works: a fresh run reads
+        run_ranks(_train_refusing_pretrained_reads, 2, config("fresh", steps=1))
+    run_ranks(loop.train, 2, config("run", steps=1))
+    run_ranks(_train_refusing_pretrained_reads, 2, config("run", steps=2, resume="auto"))
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]

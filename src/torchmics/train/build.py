@@ -49,16 +49,23 @@ def check_pretrained(cfg: TrainConfig, model: nn.Module) -> None:
                          "pass --random-init to train from scratch")
 
 
-def shard_model(model: nn.Module, cfg: TrainConfig, topo: Topology) -> tuple[nn.Module, str]:
-    """Prepare, shard and fill ``model`` (built by :func:`build_on_meta`); also where its weights came from."""
-    model = torchmics.shard(prepare_model(model, cfg), topo, mixed_precision=mixed_precision(cfg),
-                            shard_optimizer_across_replicas=cfg.optimizer_over_replicas,
-                            offload=cfg.cpu_offload, init_seed=cfg.seed)
+def shard_model(model: nn.Module, cfg: TrainConfig, topo: Topology) -> nn.Module:
+    """Prepare and shard ``model`` (built by :func:`build_on_meta`); each rank initializes its shards."""
+    return torchmics.shard(prepare_model(model, cfg), topo, mixed_precision=mixed_precision(cfg),
+                           shard_optimizer_across_replicas=cfg.optimizer_over_replicas,
+                           offload=cfg.cpu_offload, init_seed=cfg.seed)
+
+
+def fill_weights(model: nn.Module, cfg: TrainConfig) -> str:
+    """Load the pretrained weights ``cfg`` names, if any, into the sharded ``model``; says where its weights came from.
+
+    A run resuming from a checkpoint skips this: the checkpoint's weights replace whatever is read here.
+    """
     folder = _agreed(pretrained_folder(cfg))
     if folder is None:
-        return model, f"random init (seed {cfg.seed}), each rank its own shards"
+        return f"random init (seed {cfg.seed}), each rank its own shards"
     loaded = torchmics.load_pretrained(model, folder)
-    return model, f"pretrained from {folder} ({len(loaded.shapes)} tensors, {loaded.num_bytes / 2**30:.2f} GiB)"
+    return f"pretrained from {folder} ({len(loaded.shapes)} tensors, {loaded.num_bytes / 2**30:.2f} GiB)"
 
 
 def _agreed(folder: str | None) -> str | None:

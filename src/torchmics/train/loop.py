@@ -21,7 +21,7 @@ from torchmics import checkpoint, fault_tolerance
 from torchmics.models import causal_lm_loss, logits_of
 from torchmics.models import schedules
 from torchmics.topology import current_device
-from torchmics.train.build import build_on_meta, shard_model
+from torchmics.train.build import build_on_meta, fill_weights, shard_model
 from torchmics.train.config import TrainConfig
 from torchmics.train.data import BatchSampler, load_tokens
 from torchmics.train.meter import NonFiniteGuard, StepMeter, TrainingDiverged
@@ -128,14 +128,16 @@ def train(cfg: TrainConfig) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = current_device()
     data = load_tokens(cfg.data, info.seq_len)
-    model, weights = shard_model(model, cfg, topo)
+    model = shard_model(model, cfg, topo)
     optimizer = _optimizer(cfg, model, device)
     data_rank, data_world = _data_split(cfg)
     sampler = BatchSampler(data.train, info.seq_len, cfg.micro_batch * data_world, data_rank, data_world, cfg.seed)
     val_sampler = BatchSampler(data.val, info.seq_len, cfg.micro_batch * data_world, data_rank, data_world, cfg.seed + 1)
     resumed_from = _resume_path(cfg)
-    start = 0 if resumed_from is None else int(checkpoint.load_checkpoint(resumed_from, model, optimizer)["step"])
-    if resumed_from is not None:  # the checkpoint replaced the random or pretrained weights shard_model reported
+    if resumed_from is None:
+        start, weights = 0, fill_weights(model, cfg)
+    else:
+        start = int(checkpoint.load_checkpoint(resumed_from, model, optimizer)["step"])
         weights = f"from the checkpoint {resumed_from}"
     steps = _step_counter(cfg, model, optimizer, start)
     start = steps.start_step()  # a replica group rejoining a fault-tolerant job is healed here, and skips ahead
