@@ -109,4 +109,4 @@ def describe(model: str, sched: Schedule, warmup_given: bool, tokens_per_step: i
     else:
         warmup_from = "GPT-3's 375M tokens"
     return (f"lr {sched.lr:.1e} ({lr_from}), cosine to {sched.min_lr:.1e} at step {sched.steps}, "
-            f"warmup {sched.warmup} steps ({warmup_from})")
+            f"warmup {sched.warmup} step{'' if sched.warmup == 1 else 's'} ({warmup_from})")

@@ -191,7 +191,7 @@ class Reporter:
         if self.session:  # empty when a resumed run had no steps left
             summary |= self._speed_summary()
             first, last = summary.pop("timed_steps")
-            speed = (f"{_speed(summary['tokens_per_s_per_gpu'], summary['mfu'])} (median of steps {first}-{last}; "
+            speed = (f"{_speed(summary['tokens_per_s_per_gpu'], summary['mfu'])} (median of {_steps(first, last)}; "
                      f"{summary['tokens_per_s']:,.0f} tok/s in all), "
                      f"peak memory {summary['peak_mem_bytes'] / GiB:.2f} GiB per rank; ")
         self.console.print(
@@ -207,6 +207,10 @@ class Reporter:
         medians = {key: _median(timed, key) for key in ("tokens_per_s", "tokens_per_s_per_gpu", "mfu", "step_time_s")}
         return medians | {"timed_steps": (timed[0]["step"], timed[-1]["step"]),
                           "peak_mem_bytes": max(r["peak_mem_bytes"] for r in timed)}
+
+
+def _steps(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}-{last}"
 
 
 def _speed(tokens_per_s_per_gpu: float, mfu: float | None) -> str:
