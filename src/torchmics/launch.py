@@ -183,8 +183,9 @@ def _worker(rank: int, launch: LocalLaunch, port: int, environ: dict[str, str],
 def _start_method(launch: LocalLaunch) -> str:
     """CPU ranks fork from one server that imported torch and torchmics once, instead of each importing
     them afresh (about 2.4 s of CPU per rank: 8 ranks on 2 cores waited 10 s before their first step).
-    GPU ranks are spawned: CUDA cannot be used in a process forked after the driver was initialized,
-    and their start is small next to a GPU job."""
+    GPU ranks are spawned: a forked process cannot use CUDA if its parent initialized the driver, so a
+    fork server is safe for GPUs only while nothing it imports does (unchecked on a GPU), and their start
+    is small next to a GPU job."""
     if launch.use_gpus:
         return "spawn"
     mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed.fsdp", "torchmics"])
