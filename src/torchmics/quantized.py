@@ -79,10 +79,19 @@ def aligned_chunk(numel: int, replicas: int, block_size: int) -> int:
 
 
 def _compress(fmt: Quantized, values: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """``values`` plus the residual they owe, quantized: ``(codes, scales, what quantizing dropped)``."""
+    """``values`` plus the residual they owe, quantized: ``(codes, scales, what quantizing dropped)``.
+
+    A block holding an inf or NaN comes back non-finite (its scale is), so the step shows it and the
+    loop can skip it; its residual must not become NaN with it (every later step would add it), so
+    where the new residual is not finite the old one stays owed (zero where there was none).
+    """
     values = values.float() if residual is None else values.float() + residual
     codes, scales = fmt.quantize(values)
-    return codes, scales, values - fmt.dequantize(codes, scales) if fmt.error_feedback else None
+    if not fmt.error_feedback:
+        return codes, scales, None
+    dropped = values - fmt.dequantize(codes, scales)
+    kept = torch.zeros_like(dropped) if residual is None else residual
+    return codes, scales, torch.where(dropped.isfinite(), dropped, kept)
 
 
 def _dequantize_rows(fmt: Quantized, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
