@@ -49,3 +49,44 @@ def test_ranks_see_the_environment_of_their_launch_not_of_an_earlier_one(monkeyp
     assert run_ranks(_environment_value, 2) == [("second", "0"), ("second", "1")]
     monkeypatch.delenv("TORCHMICS_TEST_VALUE")
     assert run_ranks(_environment_value, 2) == [(None, "0"), (None, "1")]
+
+
+def _torch_random() -> tuple[int, float]:
+    import torch
+
+    return torch.initial_seed(), torch.rand(()).item()
+
+
+def test_every_rank_and_every_launch_has_its_own_unseeded_torch_generator():
+    """As spawned processes do: ranks forked from one server must not share its generator state
+    (unseeded dropout masks or noise would be the same on every rank, and in every launch)."""
+    first, second = run_ranks(_torch_random, 2), run_ranks(_torch_random, 2)
+    assert len({*first, *second}) == 4, (first, second)
+
+
+def test_ranks_write_to_the_launchers_stdout_and_stderr_of_their_launch(tmp_path):
+    """A fork server keeps the descriptors the launcher had when it started; ranks must get the current ones."""
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from torchmics.launch import LocalLaunch, spawn
+
+        def work(tag):
+            print(f"out {{tag}} {{os.environ['RANK']}}", flush=True)
+            print(f"err {{tag}} {{os.environ['RANK']}}", file=sys.stderr, flush=True)
+
+        if __name__ == "__main__":
+            for tag in ("first", "second"):
+                with open(os.path.join({str(tmp_path)!r}, tag + ".log"), "w") as log:
+                    saved = os.dup(1), os.dup(2)
+                    os.dup2(log.fileno(), 1)
+                    os.dup2(log.fileno(), 2)
+                    spawn(work, LocalLaunch(2), tag)
+                    os.dup2(saved[0], 1)
+                    os.dup2(saved[1], 2)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    for tag in ("first", "second"):
+        written = sorted((tmp_path / f"{tag}.log").read_text().splitlines())
+        assert written == sorted(f"{kind} {tag} {rank}" for kind in ("out", "err") for rank in (0, 1)), (tag, written)

@@ -20,9 +20,11 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing import reduction
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -172,12 +174,46 @@ def run_rank(fn: Callable[..., Any], *args: Any) -> Any:
             dist.destroy_process_group()
 
 
-def _worker(rank: int, launch: LocalLaunch, port: int, environ: dict[str, str],
-            native_logs: Callable[[int], Path] | None, fn: Callable[..., Any], args: tuple) -> None:
-    os.environ.clear()  # a fork server's environment is the launcher's when the server started
-    os.environ.update(environ, **launch.rank_env(rank, port))
+class _LaunchersDescriptor:
+    """One of the launcher's file descriptors as it is at this launch, for a rank to write to.
+
+    A fork server's ranks inherit the server's descriptors, which are the launcher's when the server
+    started: output redirected since (a later launch's log, pytest's capture of another test) would
+    go to the old place. Pickled, it is passed to the rank as multiprocessing passes descriptors.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        return _received_descriptor, (reduction.DupFd(self.fd),)
+
+
+def _received_descriptor(duplicate: Any) -> int:
+    return duplicate.detach()
+
+
+def _worker(rank: int, launch: LocalLaunch, port: int, environ: dict[str, str], forked: bool,
+            stdio: tuple[int, int], native_logs: Callable[[int], Path] | None, fn: Callable[..., Any], args: tuple) -> None:
+    _take_over_the_launch(environ | launch.rank_env(rank, port), stdio, forked)
     with native_output_to(native_logs(rank)) if native_logs else contextlib.nullcontext():
         run_rank(fn, *args)
+
+
+def _take_over_the_launch(environ: dict[str, str], stdio: tuple[int, int], forked: bool) -> None:
+    """Give this rank what a spawned rank gets fresh and a forked one would inherit from the fork server
+    as it was when the server started: the launcher's environment, its stdout and stderr, and (as
+    importing torch gives) a default generator seeded on its own, not the one every rank shares."""
+    os.environ.clear()
+    os.environ.update(environ)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for target, received in zip((1, 2), stdio):
+        if received != target:
+            os.dup2(received, target)
+            os.close(received)
+    if forked:
+        torch.default_generator.seed()
 
 
 def _start_method(launch: LocalLaunch) -> str:
@@ -185,7 +221,12 @@ def _start_method(launch: LocalLaunch) -> str:
     them afresh (about 2.4 s of CPU per rank: 8 ranks on 2 cores waited 10 s before their first step).
     GPU ranks are spawned: a forked process cannot use CUDA if its parent initialized the driver, so a
     fork server is safe for GPUs only while nothing it imports does (unchecked on a GPU), and their start
-    is small next to a GPU job."""
+    is small next to a GPU job.
+
+    What torch's imports read from the environment (``OMP_NUM_THREADS`` when libgomp loads,
+    ``TORCH_LOGS``) is fixed when the server starts, at the process's first CPU launch; ``_worker``
+    restores ``os.environ`` only. The commands launch once per process, so this binds only code that
+    calls :func:`spawn` several times with such variables changed in between."""
     if launch.use_gpus:
         return "spawn"
     mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed.fsdp", "torchmics"])
@@ -204,9 +245,11 @@ def spawn(fn: Callable[..., Any], launch: LocalLaunch, *args: Any, timeout_s: fl
     port = free_port()
     # One line per failure: stopping the other workers is what follows any failure, not news.
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    method = _start_method(launch)
     context = mp.start_processes(
-        _worker, args=(launch, port, dict(os.environ), native_logs, fn, args),
-        nprocs=launch.nprocs, join=False, start_method=_start_method(launch),
+        _worker, args=(launch, port, dict(os.environ), method == "forkserver",
+                       (_LaunchersDescriptor(1), _LaunchersDescriptor(2)), native_logs, fn, args),
+        nprocs=launch.nprocs, join=False, start_method=method,
     )
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not context.join(timeout=1.0):
