@@ -177,11 +177,11 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches: tor
     opt.zero_grad()
 
 
-def _quantized_model(partition: int, over_replicas: bool):
+def _quantized_model(partition: int, over_replicas: bool, wrap: tuple[type, ...] | None = None):
     topo = torchmics.init_mesh(partition_size=partition, gpus_per_node=2)
     torch.manual_seed(0)
     model = torchmics.shard(ToyModel(), topo, mixed_precision=torchmics.MixedPrecision(replica_reduce_dtype=INT8),
-                            shard_optimizer_across_replicas=over_replicas)
+                            shard_optimizer_across_replicas=over_replicas, wrap=wrap)
     if over_replicas:
         return model, torchmics.ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=1e-2)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -213,8 +213,10 @@ def _round_trip(run_dir: str, over_replicas: bool) -> dict:
         warnings.simplefilter("always")
         model_c, opt_c = _quantized_model(1, over_replicas)  # 4 replicas of other chunks: residuals start at zero
         torchmics.load_checkpoint(path, model_c, opt_c)
+        model_d, opt_d = _quantized_model(2, over_replicas, wrap=())  # same world, one unit
+        torchmics.load_checkpoint(path, model_d, opt_d)
     return {"saved": saved, "loaded": loaded, "continued": _shards(model), "resumed": _shards(model_b),
-            "elsewhere": _residuals(model_c), "warnings": [str(w.message) for w in caught],
+            "elsewhere": [_residuals(model_c), _residuals(model_d)], "warnings": [str(w.message) for w in caught],
             "file": os.path.join(path, "residuals", f"rank{dist.get_rank()}.pt")}
 
 
@@ -240,8 +242,8 @@ def test_residuals_round_trip_bit_exact_and_resume_continues_exactly(round_trips
             for unit, residual in result["saved"][kind].items():
                 assert torch.equal(on_disk[kind][unit], residual) and torch.equal(result["loaded"][kind][unit], residual)
         assert all(torch.equal(result["resumed"][n], t) for n, t in result["continued"].items())
-        assert result["elsewhere"] == {"sent": {}, "owned": {}}
-    assert any("residuals of another topology" in w for w in results[over_replicas][0]["warnings"])
+        assert result["elsewhere"] == [{"sent": {}, "owned": {}}] * 2
+    assert sum("residuals of another topology" in w for w in results[over_replicas][0]["warnings"]) == 2
     metadata = (Path(run_dir) / f"over-replicas-{over_replicas}" / "step_2" / "torchmics.json").read_text()
     assert all(f"residuals/rank{r}.pt" in metadata for r in range(4))  # sized and checksummed like the rest
 

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from torchmics.sharding import shard_state, topology_of
+from torchmics.replica import units_of_params
+from torchmics.sharding import shard_state
 from torchmics.topology import current_device
 
 
@@ -30,9 +31,12 @@ def save_rank_files(checkpoint: str, model: nn.Module) -> None:
 
 
 def _residual_layout(model: nn.Module) -> list:
-    """What decides which elements a rank's residuals stand for: world, partition size and the blocks."""
-    topology, fmt = topology_of(model), shard_state(model).quantized_hop.format
-    return [topology.world_size, topology.partition_size, str(fmt.dtype), fmt.block_size]
+    """What decides which elements a rank's residuals stand for: world, partition size, the blocks, and
+    the units (another wrapping, or another model, packs other parameters into each unit's residual)."""
+    state = shard_state(model)
+    topology, fmt = state.topology, state.quantized_hop.format
+    units = [[p.to_local().numel() for p in params] for params in units_of_params(state.units)]
+    return [topology.world_size, topology.partition_size, str(fmt.dtype), fmt.block_size, units]
 
 
 def residual_file(checkpoint: str) -> str:
@@ -40,10 +44,10 @@ def residual_file(checkpoint: str) -> str:
 
 
 def load_residuals(checkpoint: str, model: nn.Module) -> None:
-    """Restore this rank's residuals where they mean the same thing: same topology and format.
+    """Restore this rank's residuals where they mean the same thing: same topology, format and units.
 
     A residual is what one rank's contributions to its replicas' chunks still owe; on another world
-    size, partition size or block size the chunks are other ones, so the residuals start from zero,
+    size, partition size, block size or wrapping the chunks are other ones, so the residuals start from zero,
     which drops at most one step's rounding (the error a run without feedback makes every step).
     """
     hop = shard_state(model).quantized_hop
@@ -53,7 +57,8 @@ def load_residuals(checkpoint: str, model: nn.Module) -> None:
     if saved["layout"] == _residual_layout(model):
         hop.load_state_dict(saved, current_device())
     elif dist.get_rank() == 0:
-        warnings.warn(f"{checkpoint} holds error-feedback residuals of another topology or replica-hop format: "
+        warnings.warn(f"{checkpoint} holds error-feedback residuals of another topology, replica-hop format or "
+                      "wrapping: "
                       "they start from zero (at most one step's quantization error is dropped).", stacklevel=3)
 
 
