@@ -1,12 +1,15 @@
 """Spawned workers: native libraries' stderr goes to per-rank files, Python's to the terminal; each
-rank sees the launcher's environment as it is when the ranks start."""
+rank sees the launcher's environment, output and a generator of its own; Ctrl-C leaves no rank behind."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 from dist_utils import run_ranks
 
@@ -90,3 +93,39 @@ def test_ranks_write_to_the_launchers_stdout_and_stderr_of_their_launch(tmp_path
     for tag in ("first", "second"):
         written = sorted((tmp_path / f"{tag}.log").read_text().splitlines())
         assert written == sorted(f"{kind} {tag} {rank}" for kind in ("out", "err") for rank in (0, 1)), (tag, written)
+
+
+def test_ctrl_c_in_the_launcher_stops_ranks_that_ignore_it(tmp_path):
+    """A rank blocked in a collective does not act on SIGINT; the launcher must not leave it behind."""
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, time
+        from pathlib import Path
+        from torchmics.launch import LocalLaunch, spawn
+
+        def work():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            Path({str(tmp_path)!r}, "rank" + os.environ["RANK"]).write_text(str(os.getpid()))
+            time.sleep(600)
+
+        if __name__ == "__main__":
+            spawn(work, LocalLaunch(2))
+    """))
+    launcher = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    pid_files = [tmp_path / f"rank{r}" for r in (0, 1)]
+    deadline = time.monotonic() + 60
+    while not all(f.exists() and f.read_text() for f in pid_files) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pids = [int(f.read_text()) for f in pid_files]
+    launcher.send_signal(signal.SIGINT)
+    assert launcher.wait(timeout=30) != 0 and "KeyboardInterrupt" in launcher.stderr.read()
+    time.sleep(0.5)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent has not collected it yet

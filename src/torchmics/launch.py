@@ -239,7 +239,7 @@ def spawn(fn: Callable[..., Any], launch: LocalLaunch, *args: Any, timeout_s: fl
 
     If any rank raises, the others are terminated and the failing rank's traceback is re-raised here
     (``torch.multiprocessing.ProcessRaisedException``), so a crash never turns into a hang. With
-    ``timeout_s`` a run that has not finished in time is terminated with ``TimeoutError``. With
+    ``timeout_s`` a run that has not finished in time is killed with ``TimeoutError``, as it is on Ctrl-C. With
     ``native_logs``, rank ``r``'s native stderr goes to ``native_logs(r)`` (:func:`native_output_to`).
     """
     port = free_port()
@@ -252,8 +252,11 @@ def spawn(fn: Callable[..., Any], launch: LocalLaunch, *args: Any, timeout_s: fl
         nprocs=launch.nprocs, join=False, start_method=method,
     )
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while not context.join(timeout=1.0):
-        if deadline is not None and time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            raise TimeoutError(f"{launch.nprocs} workers did not finish within {timeout_s:.0f} s")
+    try:
+        while not context.join(timeout=1.0):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{launch.nprocs} workers did not finish within {timeout_s:.0f} s")
+    except (KeyboardInterrupt, TimeoutError):  # a rank stuck in a collective would outlive the launcher
+        for process in context.processes:
+            process.kill()
+        raise
