@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from torchmics.arguments import non_negative_int, positive_int
 from torchmics.bench.collectives import measure_collectives
 from torchmics.bench.deepspeed_peer import DEEPSPEED_UNAVAILABLE
 from torchmics.bench.report import results_table, write_outputs
@@ -63,22 +64,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--collectives", action="store_true", help="measure flat vs hierarchical collectives instead")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>-<nodes>x<gpus>)")
     p.set_defaults(run=run)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a size of zero would be recorded as a failed (or a 0 tok/s) run, not refused."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type for step counts that may be zero."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
 
 
 def _systems(args: argparse.Namespace) -> list[str]:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from torchmics.arguments import non_negative_float, positive_float, positive_int
 from torchmics.dtypes import DTYPES, REPLICA_HOP_FORMATS
 from torchmics.plan import failure
 from torchmics.plan.calibrate import calibrate
@@ -89,30 +90,6 @@ def _add_common(p: argparse.ArgumentParser, default_cluster: str) -> None:
     failures.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints (default: %(default)s)")
     failures.add_argument("--restart-s", type=positive_float, default=300.0,
                           help="seconds from a failure to the restarted ranks' first step (default: %(default)s)")
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: sizes and counts of zero would only fail later, less clearly."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type for durations."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """An argparse type for a what-if latency: zero is a fair question, a negative one is not."""
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
 
 
 def failure_line(args: argparse.Namespace, world: int, partition_size: int, step_s: float) -> str:
