@@ -227,7 +227,8 @@ def test_exact_resume_and_load_errors(uninterrupted, tmp_path):
     for rank, (result, ref) in enumerate(zip(results, reference)):
         errors = result["errors"]
         assert errors["missing"].startswith("FileNotFoundError") and "no checkpoint" in errors["missing"]
-        assert "incomplete" in errors[no_metadata] and "incomplete" in errors[temp]
+        assert "is not a complete checkpoint (no torchmics.json in it" in errors[no_metadata]
+        assert "is an interrupted save, not a checkpoint" in errors[temp]
         assert "shared.weight: checkpoint [13, 13] vs model [14, 13]" in errors["shape"]
         assert "blocks.3.norm.weight: model [13], not in the checkpoint" in errors["names"]
         assert errors["optimizer"].startswith("ValueError") and "needs momentum_buffer" in errors["optimizer"]
