@@ -11,6 +11,7 @@ Every process is started in a session of its own and killed with it, whatever th
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -229,3 +230,48 @@ def test_torchft_is_not_needed_to_import_torchmics():
     code = "import sys; sys.modules['torchft'] = None; import torchmics, torchmics.cli; print(torchmics.FaultTolerantReplicas)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ | ENV)
     assert done.returncode == 0 and "FaultTolerantReplicas" in done.stdout, done.stderr
+
+
+# ---- what a rejoining group is healed with ---------------------------------------------------------
+
+
+def _normed_model(topo: torchmics.Topology) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A model whose buffers training changes (batch-norm running statistics), not only constants."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 4))
+    model = torchmics.shard(model, topo, wrap=())
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int, steps: int) -> None:
+    generator = torch.Generator().manual_seed(seed)  # every rank the same batches: one replica group
+    for _ in range(steps):
+        model(torch.randn(16, 8, generator=generator)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _healed_against_live() -> dict:
+    topo = torchmics.init_mesh(partition_size=2, gpus_per_node=2)
+    live, live_optimizer = _normed_model(topo)
+    _train(live, live_optimizer, seed=1, steps=3)
+    behind, behind_optimizer = _normed_model(topo)
+    _train(behind, behind_optimizer, seed=2, steps=1)  # a group that died early, on other batches
+    sent = io.BytesIO()  # torchft sends the state serialized (HTTP or its process group): never shared memory
+    torch.save(fault_tolerance.heal_state(live, live_optimizer), sent)
+    sent.seek(0)
+    fault_tolerance.apply_heal_state(behind, behind_optimizer, torch.load(sent, weights_only=False))
+    healed = torchmics.full_state_dict(behind)
+    for model, optimizer in ((live, live_optimizer), (behind, behind_optimizer)):
+        _train(model, optimizer, seed=3, steps=2)  # healed, the two must now train alike
+    return {"live": torchmics.full_state_dict(live), "healed": healed, "after": torchmics.full_state_dict(behind)}
+
+
+def test_a_healed_group_takes_the_live_groups_weights_buffers_and_optimizer_state():
+    from dist_utils import run_ranks
+
+    result = run_ranks(_healed_against_live, 2)[0]
+    assert "1.running_mean" in result["healed"] and "1.num_batches_tracked" in result["healed"]
+    assert result["live"].keys() == result["after"].keys()
+    for name, tensor in result["live"].items():
+        assert torch.equal(result["after"][name], tensor), name  # bit-identical after 2 more steps

@@ -205,24 +205,37 @@ class FaultTolerantReplicas:
         self.hop.wait()
 
     def _state_dict(self) -> dict[str, Any]:
-        """What a rejoining group's same rank needs: local shards and their optimizer state (plain tensors)."""
-        optimizer = self.optimizer.state_dict()
-        sharded = {i: sorted(k for k, v in s.items() if isinstance(v, DTensor)) for i, s in optimizer["state"].items()}
-        optimizer["state"] = {i: {k: _local(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
-        return {"model": {name: p.to_local() for name, p in self.model.named_parameters()},
-                "optimizer": optimizer, "sharded": sharded}
+        return heal_state(self.model, self.optimizer)
 
-    @torch.no_grad()
     def _load_state_dict(self, saved: dict[str, Any]) -> None:
-        for name, param in self.model.named_parameters():
-            param.to_local().copy_(saved["model"][name])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        params = self.optimizer.param_groups[0]["params"]
-        for i, keys in saved["sharded"].items():
-            param, state = params[i], self.optimizer.state[params[i]]
-            for key in keys:
-                state[key] = DTensor.from_local(state[key], param.device_mesh, param.placements,
-                                                shape=param.shape, stride=param.stride())
+        apply_heal_state(self.model, self.optimizer, saved)
+
+
+def heal_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a rejoining group's same rank needs, as plain tensors: its shards, their optimizer state, and
+    the buffers (running statistics, say, which training changes as it changes the weights)."""
+    optim = optimizer.state_dict()
+    sharded = {i: sorted(k for k, v in s.items() if isinstance(v, DTensor)) for i, s in optim["state"].items()}
+    optim["state"] = {i: {k: _local(v) for k, v in s.items()} for i, s in optim["state"].items()}
+    return {"model": {name: p.to_local() for name, p in model.named_parameters()},
+            "buffers": {name: _local(b) for name, b in model.named_buffers()},
+            "optimizer": optim, "sharded": sharded}
+
+
+@torch.no_grad()
+def apply_heal_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Make this rank's shards, buffers and optimizer state the ones :func:`heal_state` took from a live group."""
+    for name, param in model.named_parameters():
+        param.to_local().copy_(saved["model"][name])
+    for name, buffer in model.named_buffers():
+        _local(buffer).copy_(saved["buffers"][name])
+    optimizer.load_state_dict(saved["optimizer"])
+    params = optimizer.param_groups[0]["params"]
+    for i, keys in saved["sharded"].items():
+        param, state = params[i], optimizer.state[params[i]]
+        for key in keys:
+            state[key] = DTensor.from_local(state[key], param.device_mesh, param.placements,
+                                            shape=param.shape, stride=param.stride())
 
 
 def _local(value: Any) -> Any:
