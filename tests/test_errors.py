@@ -40,6 +40,8 @@ def _misuse_on_every_rank() -> dict[str, str]:
             errors[name] = f"{type(err).__name__}: {err}"
 
     attempt("bad_partition", lambda: torchmics.init_mesh(partition_size=3))
+    attempt("zero_partition", lambda: torchmics.init_mesh(partition_size=0))
+    attempt("zero_gpus_per_node", lambda: torchmics.init_mesh(partition_size=2, gpus_per_node=0))
     topo = torchmics.init_mesh(partition_size=2)
     model = torchmics.shard(ToyModel(), topo)
     attempt("shard_twice", lambda: torchmics.shard(model, topo))
@@ -67,3 +69,5 @@ def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
     assert "tied weights" in errors["tied_unit"]
     assert "tuple of nn.Module classes" in errors["wrap_not_classes"]
     assert "do not nest" in errors["nested_no_sync"]
+    assert "Valid sizes: [1, 2]" in errors["zero_partition"] and "partition_size=0" in errors["zero_partition"]
+    assert "must be >= 1" in errors["zero_gpus_per_node"]
