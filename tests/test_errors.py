@@ -71,3 +71,12 @@ def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
     assert "do not nest" in errors["nested_no_sync"]
     assert "Valid sizes: [1, 2]" in errors["zero_partition"] and "partition_size=0" in errors["zero_partition"]
     assert "must be >= 1" in errors["zero_gpus_per_node"]
+
+
+def test_mixed_precision_refuses_dtypes_it_cannot_compute_in():
+    bad_kinds = ({"param_dtype": torch.int8}, {"param_dtype": torch.float8_e4m3fn}, {"reduce_dtype": "bf16"},
+                 {"replica_reduce_dtype": torch.int8})
+    for bad in bad_kinds:
+        with pytest.raises(ValueError, match="floating-point torch.dtype"):
+            torchmics.MixedPrecision(**bad)
+    torchmics.MixedPrecision(torch.bfloat16, torch.float32, torchmics.Quantized())  # the valid kinds pass

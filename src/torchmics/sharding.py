@@ -47,6 +47,20 @@ class MixedPrecision:
     reduce_dtype: torch.dtype | None = None
     replica_reduce_dtype: torch.dtype | Quantized | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse a dtype FSDP2 cannot compute or reduce in here, instead of at the first forward."""
+        for name in ("param_dtype", "reduce_dtype", "replica_reduce_dtype"):
+            value = getattr(self, name)
+            if value is None or (name == "replica_reduce_dtype" and isinstance(value, Quantized)):
+                continue
+            if not isinstance(value, torch.dtype) or not value.is_floating_point or value.itemsize < 2:
+                quantized = name == "replica_reduce_dtype"
+                hint = " (or torchmics.Quantized(torch.int8 / torch.float8_e4m3fn))" if quantized else ""
+                raise ValueError(
+                    f"MixedPrecision({name}={value!r}): must be None or a floating-point torch.dtype of 16 bits or "
+                    f"more, e.g. torch.bfloat16 or torch.float32{hint}."
+                )
+
     @property
     def replica_hop_dtype(self) -> torch.dtype | None:
         """The dtype gradients cross the replication group in, uncompressed; ``None``: the gradients' own dtype."""
