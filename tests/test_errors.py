@@ -48,6 +48,7 @@ def _misuse_on_every_rank() -> dict[str, str]:
     attempt("forced_hierarchy", lambda: torchmics.shard(ToyModel(), topo, hierarchical=True))
     attempt("tied_unit", lambda: torchmics.shard(ToyModel(), topo, wrap=(nn.Embedding, ToyBlock)))
     attempt("wrap_not_classes", lambda: torchmics.shard(ToyModel(), topo, wrap=[ToyBlock]))
+    attempt("wrap_absent", lambda: torchmics.shard(ToyModel(), topo, wrap=(nn.Conv2d,)))
 
     def nested():
         with torchmics.no_replica_sync(model):
@@ -71,6 +72,7 @@ def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
     assert "do not nest" in errors["nested_no_sync"]
     assert "Valid sizes: [1, 2]" in errors["zero_partition"] and "partition_size=0" in errors["zero_partition"]
     assert "must be >= 1" in errors["zero_gpus_per_node"]
+    assert "matches no sub-module of ToyModel" in errors["wrap_absent"] and "ToyBlock" in errors["wrap_absent"]
 
 
 def test_mixed_precision_refuses_dtypes_it_cannot_compute_in():
