@@ -49,6 +49,10 @@ def _misuse_on_every_rank() -> dict[str, str]:
     attempt("tied_unit", lambda: torchmics.shard(ToyModel(), topo, wrap=(nn.Embedding, ToyBlock)))
     attempt("wrap_not_classes", lambda: torchmics.shard(ToyModel(), topo, wrap=[ToyBlock]))
     attempt("wrap_absent", lambda: torchmics.shard(ToyModel(), topo, wrap=(nn.Conv2d,)))
+    with torch.device("meta"):
+        on_meta = ToyModel()  # its buffer too, so its values are lost
+    attempt("meta_buffers", lambda: torchmics.shard(on_meta, topo))
+    attempt("meta_buffers_again", lambda: torchmics.shard(on_meta, topo))  # untouched: the same error
 
     def nested():
         with torchmics.no_replica_sync(model):
@@ -73,6 +77,7 @@ def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
     assert "Valid sizes: [1, 2]" in errors["zero_partition"] and "partition_size=0" in errors["zero_partition"]
     assert "must be >= 1" in errors["zero_gpus_per_node"]
     assert "matches no sub-module of ToyModel" in errors["wrap_absent"] and "ToyBlock" in errors["wrap_absent"]
+    assert "meta_init()" in errors["meta_buffers"] and errors["meta_buffers_again"] == errors["meta_buffers"]
 
 
 def test_mixed_precision_refuses_dtypes_it_cannot_compute_in():

@@ -21,7 +21,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from torchmics.collectives import HierarchicalAllGather, HierarchicalReduceScatter
-from torchmics.materialize import materialize
+from torchmics.materialize import materialize, refuse_meta_buffers
 from torchmics.quantized import Quantized, QuantizedReplicaHop
 from torchmics.replica import ReplicaAllReduce
 from torchmics.topology import Topology, current_device
@@ -150,6 +150,8 @@ def shard(
     """
     _check_shardable(model, topology)
     on_meta = _is_on_meta(model)
+    if on_meta:
+        refuse_meta_buffers(model)  # before fully_shard changes it: a refused model stays a plain model
     _check_offload(offload, mixed_precision, shard_optimizer_across_replicas)
     use_hierarchy = _resolve_hierarchical(hierarchical, topology)
     mixed_precision = mixed_precision or MixedPrecision()
