@@ -60,6 +60,13 @@ def _misuse_on_every_rank() -> dict[str, str]:
                 pass
 
     attempt("nested_no_sync", nested)
+
+    def clip_inside():
+        with torchmics.no_replica_sync(model):
+            model(torch.zeros(2, 3, dtype=torch.long)).sum().backward()
+            torchmics.clip_grad_norm_(model, 1.0)
+
+    attempt("clip_in_no_sync", clip_inside)
     model(torch.zeros(2, 3, dtype=torch.long)).sum().backward()  # still usable after every misuse
     return errors
 
@@ -78,6 +85,7 @@ def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
     assert "must be >= 1" in errors["zero_gpus_per_node"]
     assert "matches no sub-module of ToyModel" in errors["wrap_absent"] and "ToyBlock" in errors["wrap_absent"]
     assert "meta_init()" in errors["meta_buffers"] and errors["meta_buffers_again"] == errors["meta_buffers"]
+    assert "inside no_replica_sync" in errors["clip_in_no_sync"]
 
 
 def test_mixed_precision_refuses_dtypes_it_cannot_compute_in():

@@ -292,6 +292,12 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     of the step, outside :func:`no_replica_sync`.
     """
     state = shard_state(model)
+    if state.in_no_replica_sync:
+        raise RuntimeError(
+            "clip_grad_norm_ was called inside no_replica_sync(model): the gradients there are not yet reduced "
+            "across replicas (or not yet written at all), so their norm is wrong. Run the last micro-step's "
+            "backward outside no_replica_sync, then clip."
+        )
     if state.optimizer is not None:  # gradients are only complete in the optimizer's slices
         return state.optimizer.clip_grad_norm_(max_norm, norm_type)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
