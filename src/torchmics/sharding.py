@@ -153,6 +153,8 @@ def shard(
     if on_meta:
         refuse_meta_buffers(model)  # before fully_shard changes it: a refused model stays a plain model
     _check_offload(offload, mixed_precision, shard_optimizer_across_replicas)
+    if init_seed is not None and (isinstance(init_seed, bool) or not isinstance(init_seed, int)):
+        raise TypeError(f"shard(init_seed={init_seed!r}): the seed is an int (or None for torch.initial_seed())")
     use_hierarchy = _resolve_hierarchical(hierarchical, topology)
     mixed_precision = mixed_precision or MixedPrecision()
     torchmics_replicates = topology.num_replicas > 1 and (
@@ -292,6 +294,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     of the step, outside :func:`no_replica_sync`.
     """
     state = shard_state(model)
+    if not max_norm > 0:  # a negative one would flip every gradient's sign
+        raise ValueError(f"clip_grad_norm_(max_norm={max_norm!r}): must be > 0 (math.inf turns clipping off)")
     if state.in_no_replica_sync:
         raise RuntimeError(
             "clip_grad_norm_ was called inside no_replica_sync(model): the gradients there are not yet reduced "
