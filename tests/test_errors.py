@@ -69,6 +69,8 @@ def _misuse_on_every_rank() -> dict[str, str]:
     attempt("clip_in_no_sync", clip_inside)
     attempt("clip_negative", lambda: torchmics.clip_grad_norm_(model, -1.0))
     attempt("seed_not_int", lambda: torchmics.shard(ToyModel(), topo, init_seed="7"))
+    built = torch.optim.AdamW(model.parameters())
+    attempt("optimizer_instance", lambda: torchmics.ReplicaShardedOptimizer(model, built))
     model(torch.zeros(2, 3, dtype=torch.long)).sum().backward()  # still usable after every misuse
     return errors
 
@@ -90,6 +92,7 @@ def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
     assert "inside no_replica_sync" in errors["clip_in_no_sync"]
     assert "must be > 0" in errors["clip_negative"]
     assert "init_seed='7'" in errors["seed_not_int"]
+    assert "not an optimizer already built" in errors["optimizer_instance"]
 
 
 def test_mixed_precision_refuses_dtypes_it_cannot_compute_in():
