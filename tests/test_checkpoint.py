@@ -92,6 +92,9 @@ def _uninterrupted(run_dir: str) -> dict:
     out["overwrite"] = _error(lambda: save_checkpoint(checkpoint_path(run_dir, RESUME_AT), model, opt, step=0))
     bad_extra = {"loss": torch.ones(())}
     out["bad_extra"] = _error(lambda: save_checkpoint(checkpoint_path(run_dir, 9), model, opt, step=9, extra=bad_extra))
+    out["bad_step"] = _error(lambda: save_checkpoint(checkpoint_path(run_dir, 8), model, opt, step="8"))
+    foreign = torch.optim.AdamW(nn.Linear(2, 2).parameters())
+    out["foreign_optimizer"] = _error(lambda: save_checkpoint(checkpoint_path(run_dir, 7), model, foreign, step=7))
     # A crash after every rank wrote its shards, before DCP's index and torchmics.json exist.
     with mock.patch.object(FileSystemWriter, "finish", side_effect=OSError("simulated crash")):
         out["crash"] = _error(lambda: save_checkpoint(checkpoint_path(run_dir, 3), model, opt, step=3))
@@ -187,10 +190,13 @@ def test_save_layout_and_metadata(uninterrupted):
 
 
 def test_refuses_overwrite_and_unserializable_extra_on_every_rank(uninterrupted):
-    _, results = uninterrupted
+    run_dir, results = uninterrupted
     for result in results:
         assert result["overwrite"].startswith("FileExistsError") and "already exists" in result["overwrite"]
         assert result["bad_extra"].startswith("TypeError") and "JSON" in result["bad_extra"]
+        assert "save_checkpoint(step='8')" in result["bad_step"]
+        assert "parameters that are not this model's" in result["foreign_optimizer"]
+    assert not any(name.startswith(("step_7", "step_8")) for name in os.listdir(run_dir))  # nothing written
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(uninterrupted, tmp_path):

@@ -40,12 +40,19 @@ def _misuse_on_every_rank() -> dict[str, str]:
             errors[name] = f"{type(err).__name__}: {err}"
 
     attempt("bad_partition", lambda: torchmics.init_mesh(partition_size=3))
+    attempt("zero_partition", lambda: torchmics.init_mesh(partition_size=0))
+    attempt("zero_gpus_per_node", lambda: torchmics.init_mesh(partition_size=2, gpus_per_node=0))
     topo = torchmics.init_mesh(partition_size=2)
     model = torchmics.shard(ToyModel(), topo)
     attempt("shard_twice", lambda: torchmics.shard(model, topo))
     attempt("forced_hierarchy", lambda: torchmics.shard(ToyModel(), topo, hierarchical=True))
     attempt("tied_unit", lambda: torchmics.shard(ToyModel(), topo, wrap=(nn.Embedding, ToyBlock)))
     attempt("wrap_not_classes", lambda: torchmics.shard(ToyModel(), topo, wrap=[ToyBlock]))
+    attempt("wrap_absent", lambda: torchmics.shard(ToyModel(), topo, wrap=(nn.Conv2d,)))
+    with torch.device("meta"):
+        on_meta = ToyModel()  # its buffer too, so its values are lost
+    attempt("meta_buffers", lambda: torchmics.shard(on_meta, topo))
+    attempt("meta_buffers_again", lambda: torchmics.shard(on_meta, topo))  # untouched: the same error
 
     def nested():
         with torchmics.no_replica_sync(model):
@@ -53,6 +60,17 @@ def _misuse_on_every_rank() -> dict[str, str]:
                 pass
 
     attempt("nested_no_sync", nested)
+
+    def clip_inside():
+        with torchmics.no_replica_sync(model):
+            model(torch.zeros(2, 3, dtype=torch.long)).sum().backward()
+            torchmics.clip_grad_norm_(model, 1.0)
+
+    attempt("clip_in_no_sync", clip_inside)
+    attempt("clip_negative", lambda: torchmics.clip_grad_norm_(model, -1.0))
+    attempt("seed_not_int", lambda: torchmics.shard(ToyModel(), topo, init_seed="7"))
+    built = torch.optim.AdamW(model.parameters())
+    attempt("optimizer_instance", lambda: torchmics.ReplicaShardedOptimizer(model, built))
     model(torch.zeros(2, 3, dtype=torch.long)).sum().backward()  # still usable after every misuse
     return errors
 
@@ -67,3 +85,20 @@ def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
     assert "tied weights" in errors["tied_unit"]
     assert "tuple of nn.Module classes" in errors["wrap_not_classes"]
     assert "do not nest" in errors["nested_no_sync"]
+    assert "Valid sizes: [1, 2]" in errors["zero_partition"] and "partition_size=0" in errors["zero_partition"]
+    assert "must be >= 1" in errors["zero_gpus_per_node"]
+    assert "matches no sub-module of ToyModel" in errors["wrap_absent"] and "ToyBlock" in errors["wrap_absent"]
+    assert "meta_init()" in errors["meta_buffers"] and errors["meta_buffers_again"] == errors["meta_buffers"]
+    assert "inside no_replica_sync" in errors["clip_in_no_sync"]
+    assert "must be > 0" in errors["clip_negative"]
+    assert "init_seed='7'" in errors["seed_not_int"]
+    assert "not an optimizer already built" in errors["optimizer_instance"]
+
+
+def test_mixed_precision_refuses_dtypes_it_cannot_compute_in():
+    bad_kinds = ({"param_dtype": torch.int8}, {"param_dtype": torch.float8_e4m3fn}, {"reduce_dtype": "bf16"},
+                 {"replica_reduce_dtype": torch.int8})
+    for bad in bad_kinds:
+        with pytest.raises(ValueError, match="floating-point torch.dtype"):
+            torchmics.MixedPrecision(**bad)
+    torchmics.MixedPrecision(torch.bfloat16, torch.float32, torchmics.Quantized())  # the valid kinds pass

@@ -54,8 +54,9 @@ def test_quantizing_stays_within_the_format_bound_of_each_block(dtype):
 def test_bad_formats_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="torch.int8 or torch.float8_e4m3fn"):
         Quantized(torch.bfloat16)
-    with pytest.raises(ValueError, match="at least one element"):
-        Quantized(block_size=0)
+    for block_size in (0, 2.5, "256"):
+        with pytest.raises(ValueError, match="at least one element"):
+            Quantized(block_size=block_size)
 
 
 # ---- the collectives, on 4 replica ranks ----------------------------------------------------------

@@ -69,6 +69,12 @@ def test_bad_sizes_explain_what_is_valid(world, gpus, partition, words):
         assert word in str(err.value)
 
 
+@pytest.mark.parametrize("sizes", [(4, 2, 2.0), (4, "2", 2), (4.0, 2, 2)])
+def test_sizes_that_are_not_ints_are_refused_by_name(sizes):
+    with pytest.raises(TypeError, match="must be an int"):
+        plan_topology(*sizes)
+
+
 def _init_mesh_warnings() -> dict:
     """init_mesh without gpus_per_node on CPU ranks, first without LOCAL_WORLD_SIZE, then told either way."""
     local_world_size = os.environ.pop("LOCAL_WORLD_SIZE")

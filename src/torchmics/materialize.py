@@ -82,7 +82,7 @@ def materialize(
     unit at a time. A model that is not sharded is allocated whole and initialized in place, as
     peers that need the whole model (DDP) do. Buffers keep their values (see :func:`meta_init`).
     """
-    _refuse_meta_buffers(model)
+    refuse_meta_buffers(model)
     buffers = list(model.named_buffers(remove_duplicate=False))  # every name of a shared buffer
     model.to_empty(device="cpu" if offload else device)
     moved: dict[int, torch.Tensor] = {}
@@ -98,7 +98,8 @@ def materialize(
         torch.cuda.empty_cache()  # the largest unit's full-size blocks would otherwise stay reserved
 
 
-def _refuse_meta_buffers(model: nn.Module) -> None:
+def refuse_meta_buffers(model: nn.Module) -> None:
+    """Buffers must be real before materializing: their values come from constructors, not from a seed."""
     lost = [name for name, b in model.named_buffers() if b.is_meta]
     if lost:
         raise ValueError(

@@ -111,6 +111,11 @@ class ReplicaShardedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> None:
         state = shard_state(model)
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+            raise TypeError(
+                f"ReplicaShardedOptimizer takes the optimizer's class and its arguments, got {optimizer_class!r}: "
+                "write ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=...), not an optimizer already built."
+            )
         if not state.optimizer_over_replicas:
             raise ValueError(
                 "ReplicaShardedOptimizer needs a model sharded with "

@@ -51,8 +51,8 @@ class Quantized:
     def __post_init__(self) -> None:
         if self.dtype not in _LARGEST:
             raise ValueError(f"Quantized(dtype=...) must be torch.int8 or torch.float8_e4m3fn, got {self.dtype}")
-        if self.block_size < 1:
-            raise ValueError(f"Quantized(block_size={self.block_size}): a block holds at least one element")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"Quantized(block_size={self.block_size!r}): an int, since a block holds at least one element")
 
     @property
     def bytes_per_element(self) -> float:

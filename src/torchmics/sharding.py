@@ -21,7 +21,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from torchmics.collectives import HierarchicalAllGather, HierarchicalReduceScatter
-from torchmics.materialize import materialize
+from torchmics.materialize import materialize, refuse_meta_buffers
 from torchmics.quantized import Quantized, QuantizedReplicaHop
 from torchmics.replica import ReplicaAllReduce
 from torchmics.topology import Topology, current_device
@@ -46,6 +46,20 @@ class MixedPrecision:
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
     replica_reduce_dtype: torch.dtype | Quantized | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a dtype FSDP2 cannot compute or reduce in here, instead of at the first forward."""
+        for name in ("param_dtype", "reduce_dtype", "replica_reduce_dtype"):
+            value = getattr(self, name)
+            if value is None or (name == "replica_reduce_dtype" and isinstance(value, Quantized)):
+                continue
+            if not isinstance(value, torch.dtype) or not value.is_floating_point or value.itemsize < 2:
+                quantized = name == "replica_reduce_dtype"
+                hint = " (or torchmics.Quantized(torch.int8 / torch.float8_e4m3fn))" if quantized else ""
+                raise ValueError(
+                    f"MixedPrecision({name}={value!r}): must be None or a floating-point torch.dtype of 16 bits or "
+                    f"more, e.g. torch.bfloat16 or torch.float32{hint}."
+                )
 
     @property
     def replica_hop_dtype(self) -> torch.dtype | None:
@@ -136,7 +150,11 @@ def shard(
     """
     _check_shardable(model, topology)
     on_meta = _is_on_meta(model)
+    if on_meta:
+        refuse_meta_buffers(model)  # before fully_shard changes it: a refused model stays a plain model
     _check_offload(offload, mixed_precision, shard_optimizer_across_replicas)
+    if init_seed is not None and (isinstance(init_seed, bool) or not isinstance(init_seed, int)):
+        raise TypeError(f"shard(init_seed={init_seed!r}): the seed is an int (or None for torch.initial_seed())")
     use_hierarchy = _resolve_hierarchical(hierarchical, topology)
     mixed_precision = mixed_precision or MixedPrecision()
     torchmics_replicates = topology.num_replicas > 1 and (
@@ -276,6 +294,14 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     of the step, outside :func:`no_replica_sync`.
     """
     state = shard_state(model)
+    if not max_norm > 0:  # a negative one would flip every gradient's sign
+        raise ValueError(f"clip_grad_norm_(max_norm={max_norm!r}): must be > 0 (math.inf turns clipping off)")
+    if state.in_no_replica_sync:
+        raise RuntimeError(
+            "clip_grad_norm_ was called inside no_replica_sync(model): the gradients there are not yet reduced "
+            "across replicas (or not yet written at all), so their norm is wrong. Run the last micro-step's "
+            "backward outside no_replica_sync, then clip."
+        )
     if state.optimizer is not None:  # gradients are only complete in the optimizer's slices
         return state.optimizer.clip_grad_norm_(max_norm, norm_type)
     grads = [p.grad for p in model.parameters() if p.grad is not None]

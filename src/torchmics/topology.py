@@ -104,6 +104,7 @@ def valid_partition_sizes(world_size: int, gpus_per_node: int) -> list[int]:
 
 def validate(world_size: int, gpus_per_node: int, partition_size: int) -> None:
     """Raise ``ValueError`` naming what is wrong and what would be valid. Collective-free, so no hang."""
+    _require_ints(world_size=world_size, gpus_per_node=gpus_per_node, partition_size=partition_size)
     if world_size < 1 or gpus_per_node < 1:
         raise ValueError(f"world size ({world_size}) and GPUs per node ({gpus_per_node}) must be >= 1")
     if world_size % gpus_per_node != 0:
@@ -118,6 +119,13 @@ def validate(world_size: int, gpus_per_node: int, partition_size: int) -> None:
             f"per node: it must divide the world size and either divide the GPUs per node or be a "
             f"multiple of it (node-aligned). Valid sizes: {valid_partition_sizes(world_size, gpus_per_node)}."
         )
+
+
+def _require_ints(**sizes: object) -> None:
+    """Sizes are counts of ranks: a float or a string would only fail later, inside the group arithmetic."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int (a number of ranks), got {value!r} ({type(value).__name__})")
 
 
 def plan_topology(world_size: int, gpus_per_node: int, partition_size: int) -> Topology:
@@ -198,8 +206,9 @@ def init_mesh(partition_size: int | None = None, gpus_per_node: int | None = Non
     """
     ensure_process_group()
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    gpus_per_node = gpus_per_node or _default_gpus_per_node(world_size)
-    topo = plan_topology(world_size, gpus_per_node, partition_size or world_size)
+    if gpus_per_node is None:
+        gpus_per_node = _default_gpus_per_node(world_size)
+    topo = plan_topology(world_size, gpus_per_node, world_size if partition_size is None else partition_size)
     mesh = init_device_mesh(device_type(), (topo.num_replicas, topo.partition_size), mesh_dim_names=MESH_DIMS)
     inter_group = intra_group = None
     if topo.hierarchical:  # every rank creates every sub-group, in the same order (c10d's rule)

@@ -37,11 +37,24 @@ def _auto_candidates(model: nn.Module) -> list[nn.Module]:
     return [child for child in model.children() if any(True for _ in child.parameters())]
 
 
+def _no_match_message(model: nn.Module, wrap: tuple[type[nn.Module], ...]) -> str:
+    """Why a ``wrap`` that matches nothing is refused: the whole model would be one unit, gathered at once."""
+    wanted = ", ".join(c.__name__ for c in wrap)
+    present = sorted({type(m).__name__ for m in model.modules() if m is not model})
+    return (
+        f"wrap=({wanted}) matches no sub-module of {type(model).__name__}, so the whole model would be one "
+        f"unit, all-gathered at once. Pass the classes of its blocks (its modules are of the classes "
+        f"{', '.join(present[:8])}{', ...' if len(present) > 8 else ''}), wrap=None to pick units automatically, "
+        "or wrap=() for one unit on purpose."
+    )
+
+
 def resolve_units(model: nn.Module, wrap: tuple[type[nn.Module], ...] | None) -> list[nn.Module]:
     """Sub-modules to shard as units, children before parents (the order ``fully_shard`` needs).
 
-    With ``wrap`` given, every instance of those classes is a unit and a unit that shares a parameter
-    with the rest of the model is an error. With ``wrap=None`` such candidates are skipped: their
+    With ``wrap`` given, every instance of those classes is a unit, a unit that shares a parameter
+    with the rest of the model is an error, and so is a ``wrap`` that matches no module (``()`` asks
+    for the root alone). With ``wrap=None`` a candidate that shares a parameter is skipped: its
     parameters simply stay in the root unit.
     """
     paths = {module: path for path, module in model.named_modules()}
@@ -52,6 +65,8 @@ def resolve_units(model: nn.Module, wrap: tuple[type[nn.Module], ...] | None) ->
         if not isinstance(wrap, tuple) or not all(isinstance(c, type) and issubclass(c, nn.Module) for c in wrap):
             raise TypeError(f"wrap must be a tuple of nn.Module classes or None, got {wrap!r}")
         candidates = [m for m in model.modules() if isinstance(m, wrap) and m is not model]
+        if wrap and not candidates:
+            raise ValueError(_no_match_message(model, wrap))
     units = []
     for module in candidates:
         if _shares_params_with_outside(paths[module], uses):

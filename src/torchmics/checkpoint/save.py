@@ -63,12 +63,14 @@ def save_checkpoint(
     until ``keep`` remain (the new one is the newest), except those in ``protect`` (e.g. the one the
     run resumed from); ``None`` keeps every checkpoint.
     """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"save_checkpoint(step={step!r}): the step is the int number of optimizer steps done, >= 0")
     if keep is not None and keep < 1:
         raise ValueError(f"save_checkpoint(keep={keep}): keep at least 1 checkpoint, or None for all")
     topology = topology_of(model)
     extra = _check_json(extra or {})
+    state = train_state(model, optimizer)  # first: a wrong optimizer is refused before any folder exists
     temp, config = on_rank0(lambda: _begin_save(path, model_config_text(model, hf_config, extra)))
-    state = train_state(model, optimizer)
     writer = _RecordingWriter(temp)
     unchanged = f"The previous checkpoint and `latest` are unchanged; {temp} can be deleted."
     with ordinary_error(f"saving checkpoint {path}", unchanged):

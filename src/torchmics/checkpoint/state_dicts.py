@@ -39,11 +39,30 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Sharded (DTensor) state dicts of model and optimizer, keyed by the unwrapped model's names."""
+    _check_optimizer_of(model, optimizer)
     if isinstance(optimizer, ReplicaShardedOptimizer):
         optim_state = optimizer.sharded_state_dict()  # first: it synchronizes the master weights
         return {MODEL_KEY: get_model_state_dict(model), "optim": optim_state}
     model_state, optim_state = get_state_dict(model, [optimizer] if optimizer is not None else [])
     return {MODEL_KEY: model_state, "optim": optim_state}
+
+
+def _check_optimizer_of(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """The optimizer must step this model's parameters: another one's state has no names here (a bare KeyError)."""
+    own = shard_state(model).optimizer
+    if optimizer is None or optimizer is own:
+        return
+    if own is not None or isinstance(optimizer, ReplicaShardedOptimizer):
+        raise ValueError(
+            "this optimizer is not the one this model trains with: pass the model's own ReplicaShardedOptimizer "
+            "(or, for a model sharded without shard_optimizer_across_replicas, an optimizer on its parameters)."
+        )
+    params = {id(p) for p in model.parameters()}
+    if any(id(p) not in params for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError(
+            "the optimizer holds parameters that are not this model's: build it on the sharded model's "
+            "parameters (torch.optim.AdamW(model.parameters(), ...) after torchmics.shard) and pass that one."
+        )
 
 
 def restore_train_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
