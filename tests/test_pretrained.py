@@ -144,16 +144,19 @@ def test_export_then_load_into_another_topology(tmp_path):
     torch.testing.assert_close(logits[0], expected, rtol=1e-5, atol=1e-5)
 
 
-def _load_expecting_error(folder: str) -> str:
+def _load_expecting_errors(folders: list[str]) -> list[str]:
     topo = torchmics.init_mesh(partition_size=2, gpus_per_node=2)
     with torchmics.meta_init():
         model = GPT(get_preset("tiny"))
     model = torchmics.shard(model, topo)
-    try:
-        torchmics.load_pretrained(model, folder)
-    except ValueError as err:
-        return str(err)
-    return ""
+    messages = []
+    for folder in folders:  # a refused load loads nothing, so the model serves the next folder
+        try:
+            torchmics.load_pretrained(model, folder)
+            messages.append("")
+        except ValueError as err:
+            messages.append(str(err))
+    return messages
 
 
 def test_mismatched_folder_is_refused_on_every_rank(tmp_path):
@@ -163,10 +166,12 @@ def test_mismatched_folder_is_refused_on_every_rank(tmp_path):
     weights["wpe.weight"] = torch.zeros(64, 64)  # the tiny preset's table is [128, 64]
     weights["stray"] = torch.zeros(1)
     save_file(weights, str(tmp_path / "model.safetensors"))
-    messages = run_ranks(_load_expecting_error, 2, str(tmp_path))
-    for message in messages:
-        assert "wpe.weight: folder [64, 64] vs model [128, 64]" in message
-        assert "stray: in the folder, not in the model" in message and "Nothing was loaded" in message
+    missing = tmp_path / "missing"
+    for mismatched, absent in run_ranks(_load_expecting_errors, 2, [str(tmp_path), str(missing)]):
+        assert "wpe.weight: folder [64, 64] vs model [128, 64]" in mismatched
+        assert "stray: in the folder, not in the model" in mismatched and "Nothing was loaded" in mismatched
+        assert absent.startswith(f"cannot read the pretrained weights in {missing} (rank 0): FileNotFoundError: ")
+        assert absent.endswith(". Nothing was loaded.") and ".." not in absent
 
 
 def _llama_folder(path) -> str:

@@ -83,11 +83,11 @@ def load_pretrained(model: nn.Module, folder: str) -> Pretrained:
     """
     shard_state(model)
     try:  # a rank that cannot read the folder (node-local disk, a half-synced copy) must not leave the others waiting
-        pretrained = read_pretrained(folder)
-        problems = mismatches(model, pretrained)
+        pretrained, unreadable = read_pretrained(folder), []
     except (OSError, ValueError, json.JSONDecodeError) as err:
-        pretrained, problems = None, [f"{type(err).__name__}: {err}"]
-    _agree(problems, f"{folder} does not fit this model", "Nothing was loaded.")
+        pretrained, unreadable = None, [f"{type(err).__name__}: {err}"]
+    _agree(unreadable, f"cannot read the pretrained weights in {folder}", "Nothing was loaded.")
+    _agree(mismatches(model, pretrained), f"{folder} does not fit this model", "Nothing was loaded.")
     targets = model.state_dict(keep_vars=True)
     failure = None
     try:
@@ -190,4 +190,4 @@ def _agree(problems: list[str], what: str, consequence: str, show: int = 5) -> N
     dist.all_gather_object(reports, problems)
     rank, found = next((r, p) for r, p in enumerate(reports) if p)
     more = f"; and {len(found) - show} more" if len(found) > show else ""
-    raise ValueError(f"{what} (rank {rank}): {'; '.join(found[:show])}{more}. {consequence}")
+    raise ValueError(f"{what} (rank {rank}): {'; '.join(found[:show]).rstrip('.')}{more}. {consequence}")
