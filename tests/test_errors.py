@@ -71,6 +71,7 @@ def _misuse_on_every_rank() -> dict[str, str]:
     attempt("seed_not_int", lambda: torchmics.shard(ToyModel(), topo, init_seed="7"))
     built = torch.optim.AdamW(model.parameters())
     attempt("optimizer_instance", lambda: torchmics.ReplicaShardedOptimizer(model, built))
+    attempt("adafactor", lambda: torchmics.ReplicaShardedOptimizer(model, torch.optim.Adafactor))
     model(torch.zeros(2, 3, dtype=torch.long)).sum().backward()  # still usable after every misuse
     return errors
 
@@ -93,6 +94,7 @@ def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
     assert "must be > 0" in errors["clip_negative"]
     assert "init_seed='7'" in errors["seed_not_int"]
     assert "not an optimizer already built" in errors["optimizer_instance"]
+    assert "cannot run Adafactor: it steps flat slices" in errors["adafactor"]
 
 
 def test_mixed_precision_refuses_dtypes_it_cannot_compute_in():

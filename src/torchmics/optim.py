@@ -90,8 +90,17 @@ class _UnitSlices:
         torch._foreach_copy_(targets, sources)
 
 
+# torch.optim's optimizers whose update of an element depends on others of its parameter: Adafactor factors
+# the second moment over a matrix's rows and columns, L-BFGS works on all parameters as one vector.
+_NOT_ELEMENTWISE = ("Adafactor", "LBFGS")
+
+
 class ReplicaShardedOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose state covers only this rank's slice of its shard.
+
+    The inner optimizer steps flat 1-D slices of parameters, so it must update each element on its own
+    (AdamW, Adam, SGD with momentum, Adagrad...): one that uses a parameter's shape or its other elements
+    (Adafactor, LAMB, Muon, L-BFGS) would compute another update; torch's Adafactor and L-BFGS are refused.
 
     ``ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=3e-4)`` builds the inner optimizer
     (``.inner``) on views of the owned slices, so the inner update writes straight into FSDP2's
@@ -115,6 +124,12 @@ class ReplicaShardedOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"ReplicaShardedOptimizer takes the optimizer's class and its arguments, got {optimizer_class!r}: "
                 "write ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=...), not an optimizer already built."
+            )
+        if optimizer_class.__name__ in _NOT_ELEMENTWISE:
+            raise ValueError(
+                f"ReplicaShardedOptimizer cannot run {optimizer_class.__name__}: it steps flat slices of each "
+                "parameter, which is exact only for optimizers that update each element on its own (AdamW, Adam, "
+                "SGD, ...); build it on model.parameters() of a model sharded without shard_optimizer_across_replicas."
             )
         if not state.optimizer_over_replicas:
             raise ValueError(
