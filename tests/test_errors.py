@@ -45,6 +45,7 @@ def _misuse_on_every_rank() -> dict[str, str]:
     topo = torchmics.init_mesh(partition_size=2)
     model = torchmics.shard(ToyModel(), topo)
     attempt("shard_twice", lambda: torchmics.shard(model, topo))
+    attempt("topology_not_a_topology", lambda: torchmics.shard(ToyModel(), 2))
     attempt("forced_hierarchy", lambda: torchmics.shard(ToyModel(), topo, hierarchical=True))
     attempt("tied_unit", lambda: torchmics.shard(ToyModel(), topo, wrap=(nn.Embedding, ToyBlock)))
     attempt("wrap_not_classes", lambda: torchmics.shard(ToyModel(), topo, wrap=[ToyBlock]))
@@ -95,6 +96,7 @@ def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
     assert "init_seed='7'" in errors["seed_not_int"]
     assert "not an optimizer already built" in errors["optimizer_instance"]
     assert "cannot run Adafactor: it steps flat slices" in errors["adafactor"]
+    assert errors["topology_not_a_topology"].startswith("TypeError: shard(model, topology): topology is a torchmics.")
 
 
 def test_mixed_precision_refuses_dtypes_it_cannot_compute_in():

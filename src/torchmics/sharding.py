@@ -242,6 +242,9 @@ def _check_shardable(model: nn.Module, topology: Topology) -> None:
             f"{type(model).__name__} is already sharded (it contains FSDP modules); shard() takes the "
             "plain model once. Build a fresh model to shard it with another topology."
         )
+    if not isinstance(topology, Topology):
+        raise TypeError(f"shard(model, topology): topology is a torchmics.Topology, from "
+                        f"torchmics.init_mesh(partition_size=...), got {topology!r}")
     if topology.mesh is None:
         raise ValueError(
             "this Topology has no process groups (it came from plan_topology()); use "
