@@ -69,6 +69,17 @@ def _misuse_on_every_rank() -> dict[str, str]:
 
     attempt("clip_in_no_sync", clip_inside)
     attempt("clip_negative", lambda: torchmics.clip_grad_norm_(model, -1.0))
+    replicated = torchmics.shard(ToyModel(), torchmics.init_mesh(partition_size=1),  # 2 replicas; torchmics' hop
+                                 mixed_precision=torchmics.MixedPrecision(replica_reduce_dtype=torch.bfloat16))
+
+    def clip_unreduced():
+        with torchmics.no_replica_sync(replicated):
+            replicated(torch.zeros(2, 3, dtype=torch.long)).sum().backward()
+        torchmics.clip_grad_norm_(replicated, 1.0)  # every backward of the step was deferred
+
+    attempt("clip_unreduced", clip_unreduced)
+    replicated(torch.zeros(2, 3, dtype=torch.long)).sum().backward()  # outside: reduces what was deferred
+    torchmics.clip_grad_norm_(replicated, 1.0)
     attempt("seed_not_int", lambda: torchmics.shard(ToyModel(), topo, init_seed="7"))
     built = torch.optim.AdamW(model.parameters())
     attempt("optimizer_instance", lambda: torchmics.ReplicaShardedOptimizer(model, built))
@@ -93,6 +104,7 @@ def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
     assert "meta_init()" in errors["meta_buffers"] and errors["meta_buffers_again"] == errors["meta_buffers"]
     assert "inside no_replica_sync" in errors["clip_in_no_sync"]
     assert "must be > 0" in errors["clip_negative"]
+    assert "were never reduced across replicas: every backward since the last step ran inside" in errors["clip_unreduced"]
     assert "init_seed='7'" in errors["seed_not_int"]
     assert "not an optimizer already built" in errors["optimizer_instance"]
     assert "cannot run Adafactor: it steps flat slices" in errors["adafactor"]
