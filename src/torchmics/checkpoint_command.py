@@ -36,4 +36,3 @@ def run(args: argparse.Namespace) -> None:
     export_checkpoint(args.checkpoint, args.to, hf_config=args.hf_config)
     written = args.to if args.to.endswith(".safetensors") else os.path.join(args.to, WEIGHTS_FILE)
     print(f"wrote {written} ({os.path.getsize(written) / 2**20:.1f} MiB) from {args.checkpoint}")
-

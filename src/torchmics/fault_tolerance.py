@@ -17,7 +17,8 @@ gradient another did not.
 
 A group that rejoins asks the quorum at its first step, learns it is behind and, before its forward,
 receives from a live group the state of the same rank (its local parameter shards, the optimizer
-state of those shards, torchft's step counter) over torchft's checkpoint transport: not from disk.
+state of those shards, the model's buffers, torchft's step counter; :func:`heal_state`) over torchft's
+checkpoint transport: not from disk.
 Batches are a function of (step, group index) only (see ``data_rank``), so its data is right too.
 
 The replica-sharded optimizer is refused: there each replica owns the only copy of one slice of the

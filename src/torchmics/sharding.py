@@ -305,9 +305,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
             "across replicas (or not yet written at all), so their norm is wrong. Run the last micro-step's "
             "backward outside no_replica_sync, then clip."
         )
-    if state.replica is not None and state.replica.hop.unreduced_units():
+    unreduced = state.replica.hop.unreduced_units() if state.replica is not None else 0
+    if unreduced:
         raise RuntimeError(
-            f"clip_grad_norm_: the gradients of {state.replica.hop.unreduced_units()} units were never reduced across "
+            f"clip_grad_norm_: the gradients of {unreduced} units were never reduced across "
             "replicas: every backward since the last step ran inside no_replica_sync(model), so the replicas "
             "would step apart. Run the last micro-step's backward outside no_replica_sync, then clip."
         )

@@ -103,7 +103,6 @@ class TrainConfig:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
 
-
     def _refuse_flags_without_effect(self) -> None:
         """A flag that would change nothing is probably missing its partner flag: say which."""
         if self.wandb_project is not None and not self.wandb:
