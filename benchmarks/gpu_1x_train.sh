@@ -4,7 +4,8 @@
 # clipping at 1.0 (what `train` does), eager and compiled:
 #   1. `torchmics bench`, systems torchmics and single (the plain unsharded loop), one profiled step each;
 #   2. `torchmics train` on the same settings (its printed speed must be within 3% of bench's torchmics);
-#   3. a compile diagnostic: block-level timings, graph breaks, recompiles (benchmarks/compile_diagnosis.py).
+#   3. a compile diagnostic: the whole step of the plain loop, FSDP2 alone and torchmics at micro-batch 4 and 8,
+#      graph breaks, recompiles, host-side profiles (benchmarks/compile_diagnosis.py).
 # Everything lands in $OUT: results in $OUT/h200-train-1x1 (copy to benchmarks/results/), logs next to it.
 # About 7 minutes; the parts' time limits add up to 580 s, under one 600 s device call. Usage: bash benchmarks/gpu_1x_train.sh
 set -u
@@ -26,6 +27,6 @@ for mode in eager compiled; do
     2>&1 | quiet | tee "$OUT/train-$mode.log" | grep -e "^step" -e "done in" -e "stopped" -e "error" -e "schedule"
 done
 python3 benchmarks/train_vs_bench.py "$RES" | tee "$RES/summary.md"
-TORCH_LOGS=graph_breaks,recompiles timeout 100 python3 benchmarks/compile_diagnosis.py ${DIAGNOSIS_SHAPE:-4} 2>&1 | quiet \
-  | tee "$RES/compile-diagnosis.txt"
+TORCH_LOGS=graph_breaks,recompiles timeout 100 python3 benchmarks/compile_diagnosis.py ${DIAGNOSIS:-} \
+  --profile "$RES/host-profiles" 2>&1 | quiet | tee "$RES/compile-diagnosis.txt"
 du -sh "$RES"/* | tee "$OUT/sizes.txt"

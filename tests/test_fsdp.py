@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from pathlib import Path
@@ -94,3 +95,54 @@ def test_the_replica_hop_refuses_to_be_skipped():
         assert "without calling their post-accumulate-grad hooks" in outcome[name], outcome[name]
         assert f"torch {torch.__version__}" in outcome[name]
     assert "compiled autograd" in outcome["plain compiled autograd"], outcome["plain compiled autograd"]
+
+
+def _single_rank_partitions(tokens: torch.Tensor) -> dict:
+    """Two replicas of one rank, bf16 compute and fp32 reduction, two-hop accumulation: torchmics (whose
+    units skip FSDP2's world-size-1 copies) against plain FSDP2 HSDP on the same mesh, bit for bit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    topo = torchmics.init_mesh(partition_size=1, gpus_per_node=1)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    runs = {}
+    for system in ("torchmics", "fsdp2"):
+        torch.manual_seed(0)
+        model = ToyModel()
+        if system == "torchmics":
+            precision = torchmics.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            model = torchmics.shard(model, topo, wrap=(ToyBlock,), mixed_precision=precision)
+            groups = [unit._get_fsdp_state()._fsdp_param_group for unit in torchmics.sharding.shard_state(model).units]
+            skipped = ["wait_for_unshard" in vars(group) for group in groups]  # shard() replaced FSDP2's
+        else:
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            for unit in [*model.blocks, model]:
+                fully_shard(unit, mesh=topo.mesh, mp_policy=policy)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for n, step in enumerate(tokens):
+            for i, micro in enumerate(step):
+                if system == "fsdp2":
+                    model.set_requires_all_reduce(i == len(step) - 1)
+                sync = torchmics.no_replica_sync(model) if system == "torchmics" and i < len(step) - 1 else None
+                with sync or contextlib.nullcontext():
+                    loss = lm_loss(model, micro[rank::world])
+                    if n == i == 0:
+                        kept_gathered = not isinstance(model.blocks[0].mix.weight, DTensor)
+                    loss.backward()
+                losses.append(loss.item())
+            optimizer.step()
+            optimizer.zero_grad()
+        runs[system] = {"losses": losses, "weights": [p.full_tensor() for p in model.parameters()],
+                        "kept gathered after forward": kept_gathered}
+    runs["skipped"] = skipped
+    return runs
+
+
+def test_a_single_rank_partition_skips_fsdp2s_copies_and_trains_as_fsdp2():
+    runs = run_ranks(_single_rank_partitions, 2, make_batches(3, 2, 4))[0]
+    assert runs["skipped"] and all(runs["skipped"])  # every unit takes the single-rank path
+    ours, fsdp2 = runs["torchmics"], runs["fsdp2"]
+    assert ours["losses"] == fsdp2["losses"]
+    assert all(torch.equal(a, b) for a, b in zip(ours["weights"], fsdp2["weights"]))
+    assert ours["kept gathered after forward"] and not fsdp2["kept gathered after forward"]

@@ -1,6 +1,6 @@
 """Every way torchmics reaches past FSDP2's public API, in one place, checked against one tested range of torch.
 
-torchmics builds MiCS on FSDP2 from outside, and five of the things it needs are not public contracts:
+torchmics builds MiCS on FSDP2 from outside, and six of the things it needs are not public contracts:
 
 1. Custom collectives subclass ``torch.distributed.fsdp._fully_shard._fsdp_api.AllGather`` /
    ``ReduceScatter`` (what ``set_custom_all_gather`` / ``set_custom_reduce_scatter`` take), and FSDP2
@@ -16,10 +16,13 @@ torchmics builds MiCS on FSDP2 from outside, and five of the things it needs are
    ``torch.distributed.algorithms._checkpoint.checkpoint_wrapper``, which FSDP2 composes with.
 5. The tensor collectives are called by their current names (``all_gather_single``,
    ``reduce_scatter_single`` from torch 2.13 on, whose old names warn on every rank).
+6. A unit whose partition group is one rank skips two copies FSDP2 makes at world size 1
+   (:func:`skip_single_rank_copies`): its unshard replaces ``FSDPParamGroup.wait_for_unshard`` on that
+   group, and its reduce-scatter's ``allocate`` hands FSDP2 the input buffer again as the output.
 
 Each of these was tested on torch ``OLDEST_TORCH`` to ``NEWEST_TESTED_TORCH`` (pyproject.toml's minimum to
 the release CI runs). Importing torchmics on another torch is an error, because a change in any of them
-fails silently (a replica hop never run, a collective not waited for), unless the environment variable
+fails silently (a replica hop never run, a collective not waited for, a gradient buffer aliased), unless the environment variable
 ``TORCHMICS_ALLOW_UNTESTED_TORCH=1`` says to try; :class:`torchmics.replica.ReplicaHop` then still checks
 at run time that FSDP2 called its hooks.
 """
@@ -132,6 +135,69 @@ def checkpoint_wrapper(module: nn.Module) -> nn.Module:
     return wrap(module)
 
 
+class _AliasedReduceScatter(ReduceScatter):
+    """6b. At world size 1, a reduce-scatter whose output is its input: the second of two same-sized buffers
+    FSDP2 allocates in a row (input, then output) is the first one, so its ``output.copy_(input)`` is a no-op.
+
+    FSDP2 never calls a custom reduce-scatter at world size 1 (it copies instead), only ``allocate``.
+    """
+
+    def __init__(self) -> None:
+        self._unpaired: torch.Tensor | None = None
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        pending, self._unpaired = self._unpaired, None
+        if pending is not None and pending.shape == torch.Size(size) and pending.dtype == dtype:
+            return pending
+        self._unpaired = torch.empty(size, dtype=dtype, device=device)
+        return self._unpaired
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        raise RuntimeError("torchmics' single-rank reduce-scatter is only for a partition group of one rank")
+
+
+def skip_single_rank_copies(unit: nn.Module) -> bool:
+    """6. Take out the copies FSDP2 makes of ``unit``'s parameters and gradients when its partition group is one rank.
+
+    At world size 1 FSDP2's unshard casts every sharded parameter into a fresh tensor and copies that into
+    the unsharded buffer, one parameter at a time (6a), and its reduce-scatter copies the flat gradient
+    buffer into a second one (6b). Here the parameters are cast-copied straight into their unsharded
+    buffers in one ``torch._foreach_copy_``, and the gradient buffer is the reduce-scatter's output: the
+    same values, half the memory traffic and none of the per-parameter host work. Returns whether it
+    applied: not for a group of several ranks, under CPU offload, or for tensor subclasses with their own
+    all-gather (``fsdp_pre_all_gather``).
+    """
+    from torch.distributed.fsdp._fully_shard._fsdp_param import alloc_storage
+
+    group = unit._get_fsdp_state()._fsdp_param_group
+    if group is None or group._all_gather_process_group.size() != 1:
+        return False
+    if any(p.offload_to_cpu or hasattr(p._sharded_local_tensor, "fsdp_pre_all_gather") for p in group.fsdp_params):
+        return False
+
+    def wait_for_unshard() -> None:  # FSDP2's world-size-1 branch, with the copies done in one foreach
+        if not group._all_gather_result:
+            return  # no preceding unshard
+        params = group.fsdp_params
+        for p in params:
+            p.init_all_gather_outputs([p._sharded_param_data.numel()], [p.param_dtype or p.orig_dtype], 1, group.device)
+            alloc_storage(p.all_gather_outputs[0])
+        outputs = tuple(p.all_gather_outputs[0] for p in params)
+        with torch.autograd._unsafe_preserve_version_counter(outputs):
+            torch._foreach_copy_(outputs, [p._sharded_param_data for p in params])
+        for p in params:
+            p.init_unsharded_param()
+        group._to_unsharded()
+        copied = group.device_handle.Event()
+        copied.record()
+        group._wait_all_gather_streams_on_event(copied)
+        group._all_gather_result = None
+
+    group.wait_for_unshard = wait_for_unshard
+    unit.set_custom_reduce_scatter(_AliasedReduceScatter())
+    return True
+
+
 __all__ = [
     "ALLOW_UNTESTED_ENV",
     "ALL_GATHER",
@@ -151,4 +217,5 @@ __all__ = [
     "reduce_scatter_single",
     "register_gradient_hook",
     "tested_range",
+    "skip_single_rank_copies",
 ]

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from torchmics._fsdp import skip_single_rank_copies
 from torchmics.collectives import HierarchicalAllGather, HierarchicalReduceScatter
 from torchmics.materialize import materialize, refuse_meta_buffers
 from torchmics.quantized import Quantized, QuantizedReplicaHop
@@ -119,7 +120,7 @@ def shard(
     wrap: tuple[type[nn.Module], ...] | None = None,
     mixed_precision: MixedPrecision | None = None,
     hierarchical: bool | Literal["auto"] = "auto",
-    reshard_after_forward: bool = True,
+    reshard_after_forward: bool | None = None,
     shard_optimizer_across_replicas: bool = False,
     offload: bool = False,
     init_seed: int | None = None,
@@ -147,6 +148,13 @@ def shard(
     ``offload=True`` keeps the sharded parameters, their gradients and so the optimizer states in
     (pinned) CPU memory, and steps the optimizer there: GPU memory then holds only gathered units
     and activations (FSDP2's ``CPUOffloadPolicy``).
+
+    ``reshard_after_forward=None`` frees each unit's gathered parameters after its forward (gathering
+    them again for backward) except where the partition group is one rank and nothing is offloaded:
+    there the gathered copy is the only one in the compute dtype, keeping it costs what autocast's
+    cast cache costs a plain loop, and gathering again would be one more cast of the whole model.
+    A one-rank partition group also skips FSDP2's extra copies of parameters and gradients
+    (:func:`torchmics._fsdp.skip_single_rank_copies`).
     """
     _check_shardable(model, topology)
     on_meta = _is_on_meta(model)
@@ -165,6 +173,9 @@ def shard(
     policy = mixed_precision.to_fsdp()
     units = resolve_units(model, wrap)
     offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+    single_rank = topology.partition_size == 1 and not offload
+    if reshard_after_forward is None:
+        reshard_after_forward = not single_rank
     for unit in [*units, model]:
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
                     offload_policy=offload_policy)
@@ -175,6 +186,9 @@ def shard(
         for unit in units:
             unit.set_custom_all_gather(all_gather)
             unit.set_custom_reduce_scatter(reduce_scatter)
+    elif single_rank:
+        for unit in units:
+            skip_single_rank_copies(unit)
     if on_meta:
         materialize(model, current_device(), _agreed_seed(init_seed), units, offload)
     state = ShardState(topology, mixed_precision, units, None, shard_optimizer_across_replicas, offload=offload)

@@ -13,7 +13,9 @@ still held; the estimate follows FSDP2 with mixed precision and ``zero_grad(set_
   end of backward (all gradients, no activations) is the higher point;
 * FSDP2 keeps the root unit (embeddings and head) gathered during forward and holds the current block
   plus one prefetched block in ``param_bytes``; backward adds one block's unsharded gradient, produced
-  in ``param_bytes`` and cast to ``reduce_bytes`` for the reduce-scatter;
+  in ``param_bytes`` and cast to ``reduce_bytes`` for the reduce-scatter. At a partition size of 1
+  (without offload) ``shard`` does not reshard after forward, so every unit is still gathered when
+  backward starts: ``param_bytes`` for every parameter, as autocast's cast cache in a plain loop;
 * activations per block follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
   Transformer Models", Eq. 1 without tensor parallelism): ``s*b*d*(34 + 5*a*s/d)`` bytes at 16 bits,
   where the ``5*a*s/d`` attention-score term vanishes with flash attention (PyTorch SDPA). With
@@ -107,7 +109,7 @@ def estimate_memory(
         params=on_gpu * MASTER_BYTES * n / p,
         grads=on_gpu * held + (MASTER_BYTES * n if strategy.kind == "ddp" else 0.0),  # DDP: + its buckets
         optimizer=on_gpu * ADAM_BYTES * n / optimizer_shards,
-        gathered=_gathered_bytes(model, strategy),
+        gathered=_gathered_bytes(model, strategy, p),
         activations=activations,
         logits=logits,
         overhead=overhead_bytes,
@@ -162,14 +164,17 @@ def _computes_under_autocast(strategy: Strategy) -> bool:
     return strategy.kind == "ddp" and strategy.param_bytes < MASTER_BYTES
 
 
-def _gathered_bytes(model: ModelSpec, strategy: Strategy) -> float:
-    """Unsharded units in flight: root + current + prefetched block, and one block's full gradient.
+def _gathered_bytes(model: ModelSpec, strategy: Strategy, partition_size: int) -> float:
+    """Unsharded units in flight: root + current + prefetched block (every unit at partition size 1, which
+    keeps them gathered from forward to backward), and one block's full gradient.
 
     DDP gathers nothing; under autocast the cast cache holds a low-precision copy of every weight.
     """
     if strategy.kind == "ddp":
         return strategy.param_bytes * model.num_params if _computes_under_autocast(strategy) else 0.0
-    params = strategy.param_bytes * (model.embedding_params + 2 * model.layer_params)
+    kept_gathered = partition_size == 1 and not strategy.cpu_offload  # shard()'s reshard_after_forward=None
+    in_flight = model.num_params if kept_gathered else model.embedding_params + 2 * model.layer_params
+    params = strategy.param_bytes * in_flight
     cast = strategy.param_bytes if strategy.reduce_bytes != strategy.param_bytes else 0
     return params + (strategy.reduce_bytes + cast) * model.layer_params
 
