@@ -609,3 +609,39 @@ def test_one_partition_group_gains_nothing_from_fault_tolerance():
     assert cost.with_ft_gpu_hours == cost.without_ft_gpu_hours == pytest.approx(16 * 800 / 3600)
     line = describe_failure(cost, 16, 16, 500, 300.0)
     assert "loses as much: at P = 16 = world there is one partition group" in line and "less)" not in line
+
+
+def test_one_rank_partitions_keep_units_gathered_unless_that_does_not_fit(monkeypatch):
+    """At P = 1 shard() keeps every unit gathered from forward to backward (a bf16 copy of the model); where
+    that copy is what does not fit, the planner and train reshard instead of refusing the job."""
+    gpt = pytest.importorskip("torchmics.models.gpt")
+    from torchmics.train.config import TrainConfig
+    from torchmics.train.resolve import resolve_reshard_after_forward
+
+    model = ModelSpec.from_name("6.7b")
+    outside_root_and_two_blocks = model.num_params - model.embedding_params - 2 * model.layer_params
+    choices = {}
+    for memory_gib in (141, 120, 100):
+        gpu = dataclasses.replace(PROFILES["h200-3200"], gpus_per_node=1, hbm_gib=memory_gib)
+        (candidate,) = plan(model, gpu, 1, 1, 1, True)
+        choices[memory_gib] = (candidate.label, candidate.fits)
+    assert choices == {141: ("mics P=1", True), 120: ("mics P=1 resharded", True), 100: ("mics P=1 resharded", False)}
+    kept, resharded = (estimate_memory(model, Strategy.mics(1, reshard_after_forward=r), 1, 1, 1, True) for r in (None, True))
+    assert kept.total - resharded.total == 2 * outside_root_and_two_blocks
+
+    info = gpt.ModelInfo("6.7b", gpt.PRESETS["6.7b"].num_params(), 32, 4096, 50304, 2048, 0)
+    cfg = TrainConfig(model="6.7b", micro_batch=1, mixed_precision="bf16", activation_checkpointing=True)
+    for memory_gib, expected in ((141, None), (120, True)):
+        _fake_gpu(monkeypatch, "NVIDIA H200", memory_gib)
+        assert resolve_reshard_after_forward(cfg, info, 1, 1, partition_size=1) is expected
+    assert resolve_reshard_after_forward(cfg, info, 2, 2, partition_size=2) is None  # only one-rank groups keep them
+
+
+def test_memory_model_predicts_a_one_rank_partition_with_units_kept_gathered():
+    """The eager 1.4b run on one H200 (P = 1, every unit gathered from forward to backward), measured by bench."""
+    records = [r for r in read_jsonl(RESULTS / "h200-train-1x1" / "results.jsonl")
+               if r["system"] == "torchmics" and not r["compiled"]]
+    assert records
+    for record in records:
+        _, memory = predict_record(PROFILES["h200-3200"], record)
+        assert memory.total_gib == pytest.approx(record["peak_mem_gib"], rel=0.15)

@@ -89,6 +89,7 @@ class ShardState:
     optimizer: object | None = None  # the ReplicaShardedOptimizer, once built
     in_no_replica_sync: bool = False
     offload: bool = False  # sharded parameters and gradients live in host memory
+    reshard_after_forward: bool = True  # False: units stay gathered from forward to backward
 
     @property
     def quantized_hop(self) -> QuantizedReplicaHop | None:
@@ -191,7 +192,8 @@ def shard(
             skip_single_rank_copies(unit)
     if on_meta:
         materialize(model, current_device(), _agreed_seed(init_seed), units, offload)
-    state = ShardState(topology, mixed_precision, units, None, shard_optimizer_across_replicas, offload=offload)
+    state = ShardState(topology, mixed_precision, units, None, shard_optimizer_across_replicas, offload=offload,
+                       reshard_after_forward=reshard_after_forward)
     if torchmics_replicates and shard_optimizer_across_replicas:
         model.register_forward_pre_hook(lambda *_: _require_replica_optimizer(state))
     elif torchmics_replicates:

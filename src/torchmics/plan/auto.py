@@ -21,7 +21,7 @@ from torchmics.plan.cluster import (
 )
 from torchmics.plan.memory import GIB
 from torchmics.plan.model_spec import ModelSpec
-from torchmics.plan.planner import plan, recommend
+from torchmics.plan.planner import evaluate, plan, recommend
 from torchmics.plan.strategy import Strategy
 
 if TYPE_CHECKING:  # planning stays importable without building models
@@ -50,10 +50,28 @@ def recommend_partition_size(info: ModelInfo, job: Job, cluster: ClusterProfile 
     Raises ``ValueError`` (the planner's message, naming the memory that runs out) when nothing fits.
     """
     cluster = cluster or local_cluster(job)
-    model = dataclasses.replace(ModelSpec.from_name(info.name), num_params=info.num_params, seq_len=info.seq_len)
     nodes = job.world // job.gpus_per_node
-    candidates = plan(model, cluster, nodes, job.micro_batch, job.accum, job.activation_checkpointing, job.options)
+    candidates = plan(_model_spec(info), cluster, nodes, job.micro_batch, job.accum, job.activation_checkpointing,
+                      job.options)
     return recommend(candidates).partition_size
+
+
+def single_rank_must_reshard(info: ModelInfo, job: Job, cluster: ClusterProfile | None = None) -> bool:
+    """Whether, at partition size 1, the units kept gathered from forward to backward would not fit but
+    resharded ones would: then ``shard(reshard_after_forward=True)`` trades a cast per unit for the memory."""
+    cluster = cluster or local_cluster(job)
+    nodes = job.world // job.gpus_per_node
+    one_rank = job.options.with_sharding("mics", 1)
+
+    def fits(strategy: Strategy) -> bool:
+        return evaluate(_model_spec(info), cluster, nodes, strategy, job.micro_batch, job.accum,
+                        job.activation_checkpointing).fits
+
+    return not fits(one_rank) and fits(dataclasses.replace(one_rank, reshard_after_forward=True))
+
+
+def _model_spec(info: ModelInfo) -> ModelSpec:
+    return dataclasses.replace(ModelSpec.from_name(info.name), num_params=info.num_params, seq_len=info.seq_len)
 
 
 def local_cluster(job: Job) -> ClusterProfile:

@@ -7,6 +7,7 @@ for groups spanning nodes, both flat and hierarchical collectives); :func:`recom
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torchmics.plan.cluster import ClusterProfile
@@ -84,16 +85,21 @@ def plan(
     """Every valid MiCS partition size on ``nodes`` nodes, smallest first.
 
     ``options`` carries the precision and synchronisation settings all candidates share (its
-    partition size is not used). P = world with flat collectives is ZeRO-3.
+    partition size is not used). P = world with flat collectives is ZeRO-3. A P = 1 candidate whose
+    units, kept gathered from forward to backward, do not fit is evaluated resharding after forward.
     """
     world, k = nodes * cluster.gpus_per_node, cluster.gpus_per_node
     candidates = []
     for p in valid_partition_sizes(world, k):
         for hierarchical in (True, False) if p > k > 1 else (False,):
             strategy = options.with_sharding("mics", p, hierarchical)
-            candidates.append(
-                evaluate(model, cluster, nodes, strategy, micro_batch, accum, activation_checkpointing, memory_fraction)
-            )
+            candidate = evaluate(model, cluster, nodes, strategy, micro_batch, accum, activation_checkpointing,
+                                 memory_fraction)
+            if not candidate.fits and strategy.keeps_gathered(p) and strategy.reshard_after_forward is None:
+                resharded = dataclasses.replace(strategy, reshard_after_forward=True)  # what fits, at some speed
+                candidate = evaluate(model, cluster, nodes, resharded, micro_batch, accum, activation_checkpointing,
+                                     memory_fraction)
+            candidates.append(candidate)
     return candidates
 
 

@@ -34,6 +34,8 @@ class Strategy:
     and optimizer states in host memory (FSDP2's ``CPUOffloadPolicy``) and steps the optimizer there.
     A quantized replica hop moves ``replica_reduce_bytes`` of about 1 per element (int8 or fp8 plus a
     scale per block); ``error_feedback_residuals`` counts its fp32 residuals (torchmics.quantized).
+    ``reshard_after_forward`` is ``shard()``'s option of that name: ``None`` keeps every unit gathered
+    from forward to backward exactly at P = 1 without offload (:meth:`keeps_gathered`).
     """
 
     kind: Kind
@@ -46,6 +48,7 @@ class Strategy:
     optimizer_over_replicas: bool = False
     cpu_offload: bool = False
     error_feedback_residuals: bool = False
+    reshard_after_forward: bool | None = None
 
     @property
     def replica_hop_bytes(self) -> float:
@@ -63,6 +66,12 @@ class Strategy:
     def mics(cls, partition_size: int, **options: int | bool) -> Strategy:
         return cls("mics", partition_size, **options)
 
+    def keeps_gathered(self, partition_size: int) -> bool:
+        """Whether units stay gathered from forward to backward, as ``torchmics.shard`` decides it."""
+        if self.reshard_after_forward is None:
+            return partition_size == 1 and not self.cpu_offload
+        return not self.reshard_after_forward
+
     def partition(self, world_size: int, gpus_per_node: int) -> int:
         """The partition size on this cluster; raises ``ValueError`` when it is not node-aligned."""
         p = world_size if self.kind == "zero3" else self.partition_size
@@ -77,7 +86,8 @@ class Strategy:
             return self.kind
         p = self.partition(world_size, gpus_per_node)
         spans = p > gpus_per_node > 1
-        return f"mics P={p}" + ((" hier" if self.hierarchical else " flat") if spans else "")
+        resharded = " resharded" if p == 1 and self.reshard_after_forward else ""
+        return f"mics P={p}" + ((" hier" if self.hierarchical else " flat") if spans else "") + resharded
 
     def with_sharding(self, kind: Kind, partition_size: int | None = None, hierarchical: bool = False) -> Strategy:
         """The same precision and synchronisation options, sharded another way."""

@@ -26,7 +26,7 @@ from torchmics.train.config import TrainConfig
 from torchmics.train.data import BatchSampler, load_tokens
 from torchmics.train.meter import NonFiniteGuard, StepMeter, TrainingDiverged
 from torchmics.train.report import Reporter
-from torchmics.train.resolve import job_sizes, resolve_partition_size
+from torchmics.train.resolve import job_sizes, resolve_partition_size, resolve_reshard_after_forward
 from torchmics.train.run_folder import set_aside_newer
 
 
@@ -128,7 +128,7 @@ def train(cfg: TrainConfig) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = current_device()
     data = load_tokens(cfg.data, info.seq_len)
-    model = shard_model(model, cfg, topo)
+    model = shard_model(model, cfg, topo, resolve_reshard_after_forward(cfg, info, world, gpus_per_node, partition_size))
     optimizer = _optimizer(cfg, model, device)
     data_rank, data_world = _data_split(cfg)
     sampler = BatchSampler(data.train, info.seq_len, cfg.micro_batch * data_world, data_rank, data_world, cfg.seed)

@@ -21,8 +21,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from torchmics.dtypes import replica_hop_format
 from torchmics.models import schedules
-from torchmics.quantized import Quantized
 from torchmics.models.gpt import ModelInfo
+from torchmics.quantized import Quantized
+from torchmics.sharding import shard_state
 from torchmics.tables import read_jsonl
 from torchmics.topology import Topology
 from torchmics.train.config import TrainConfig
@@ -105,8 +106,9 @@ class Reporter:
         self.console.print(f"[bold]torchmics train[/bold]  model {info.name}: {info.num_params / 1e6:.2f}M params, "
                            f"{info.n_layer} layers, d_model {info.d_model}, seq {info.seq_len}")
         self.console.print(f"topology  {topo.describe()}")
+        kept = "" if shard_state(model).reshard_after_forward else "; every unit stays gathered from forward to backward"
         self.console.print(f"memory    model states per rank {state / MiB:.1f} MiB (params + grads + AdamW, "
-                           f"of {full / MiB:.1f} MiB in all)")
+                           f"of {full / MiB:.1f} MiB in all){kept}")
         self.console.print(f"precision {self._precision(topo)}")
         self.console.print(f"data      {source}; {self.cfg.micro_batch} seq/rank x {topo.world_size} ranks x "
                            f"{self.cfg.accum} micro-steps per step")

@@ -11,7 +11,7 @@ import os
 import torch
 
 from torchmics.models.gpt import ModelInfo
-from torchmics.plan.auto import Job, recommend_partition_size
+from torchmics.plan.auto import Job, recommend_partition_size, single_rank_must_reshard
 from torchmics.plan.strategy import options
 from torchmics.topology import validate
 from torchmics.train.config import TrainConfig
@@ -56,6 +56,15 @@ def resolve_partition_size(cfg: TrainConfig, info: ModelInfo, world: int, gpus_p
         size = world
     validate(world, gpus_per_node, size)
     return size
+
+
+def resolve_reshard_after_forward(cfg: TrainConfig, info: ModelInfo, world: int, gpus_per_node: int,
+                                  partition_size: int) -> bool | None:
+    """``shard()``'s default (``None``), or ``True`` where a one-rank partition group's units, kept gathered
+    from forward to backward, would not fit this GPU and resharded ones would (see :func:`torchmics.shard`)."""
+    if partition_size != 1 or cfg.cpu_offload or not torch.cuda.is_available():
+        return None
+    return True if single_rank_must_reshard(info, planner_job(cfg, world, gpus_per_node)) else None
 
 
 def planner_job(cfg: TrainConfig, world: int, gpus_per_node: int) -> Job:
