@@ -98,8 +98,9 @@ def test_the_replica_hop_refuses_to_be_skipped():
 
 
 def _single_rank_partitions(tokens: torch.Tensor) -> dict:
-    """Two replicas of one rank, bf16 compute and fp32 reduction, two-hop accumulation: torchmics (whose
-    units skip FSDP2's world-size-1 copies) against plain FSDP2 HSDP on the same mesh, bit for bit."""
+    """Two replicas of one rank, bf16 compute and fp32 reduction, two-hop accumulation, an eval forward before
+    each step: torchmics (whose units skip FSDP2's world-size-1 copies and stay gathered from forward to
+    backward) against plain FSDP2 HSDP on the same mesh, bit for bit."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -116,8 +117,8 @@ def _single_rank_partitions(tokens: torch.Tensor) -> dict:
             skipped = ["wait_for_unshard" in vars(group) for group in groups]  # shard() replaced FSDP2's
         else:
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            for unit in [*model.blocks, model]:
-                fully_shard(unit, mesh=topo.mesh, mp_policy=policy)
+            for unit in [*model.blocks, model]:  # resharding every unit, the root too: no copy outlives a step
+                fully_shard(unit, mesh=topo.mesh, mp_policy=policy, reshard_after_forward=True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses = []
         for n, step in enumerate(tokens):
@@ -131,6 +132,8 @@ def _single_rank_partitions(tokens: torch.Tensor) -> dict:
                         kept_gathered = not isinstance(model.blocks[0].mix.weight, DTensor)
                     loss.backward()
                 losses.append(loss.item())
+            with torch.no_grad():  # an eval before the step: a unit still gathered must not keep the old weights
+                losses.append(lm_loss(model, step[0][rank::world]).item())
             optimizer.step()
             optimizer.zero_grad()
         runs[system] = {"losses": losses, "weights": [p.full_tensor() for p in model.parameters()],

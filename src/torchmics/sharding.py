@@ -9,7 +9,9 @@ the replication all-reduce to the last micro-step (:func:`no_replica_sync`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -19,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from torchmics._fsdp import skip_single_rank_copies
 from torchmics.collectives import HierarchicalAllGather, HierarchicalReduceScatter
@@ -154,6 +157,8 @@ def shard(
     them again for backward) except where the partition group is one rank and nothing is offloaded:
     there the gathered copy is the only one in the compute dtype, keeping it costs what autocast's
     cast cache costs a plain loop, and gathering again would be one more cast of the whole model.
+    ``False`` keeps units gathered at any partition size. Units still gathered when an optimizer
+    steps (after a no-grad forward) are resharded first, so the next forward gathers the new weights.
     A one-rank partition group also skips FSDP2's extra copies of parameters and gradients
     (:func:`torchmics._fsdp.skip_single_rank_copies`).
     """
@@ -174,11 +179,9 @@ def shard(
     policy = mixed_precision.to_fsdp()
     units = resolve_units(model, wrap)
     offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
-    single_rank = topology.partition_size == 1 and not offload
-    if reshard_after_forward is None:
-        reshard_after_forward = not single_rank
+    keeps_gathered = reshard_after_forward is False
     for unit in [*units, model]:
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=not keeps_gathered,
                     offload_policy=offload_policy)
     if _owns_params(model, units):
         units.append(model)  # the root unit communicates what no unit holds (embeddings, head, tied weights)
@@ -187,13 +190,18 @@ def shard(
         for unit in units:
             unit.set_custom_all_gather(all_gather)
             unit.set_custom_reduce_scatter(reduce_scatter)
-    elif single_rank:
+    elif topology.partition_size == 1 and not offload:
         for unit in units:
             skip_single_rank_copies(unit)
+        if reshard_after_forward is None:
+            model.set_reshard_after_forward(False)
+            keeps_gathered = True
+    if keeps_gathered:
+        _reshard_before_optimizer_steps(model)
     if on_meta:
         materialize(model, current_device(), _agreed_seed(init_seed), units, offload)
     state = ShardState(topology, mixed_precision, units, None, shard_optimizer_across_replicas, offload=offload,
-                       reshard_after_forward=reshard_after_forward)
+                       reshard_after_forward=not keeps_gathered)
     if torchmics_replicates and shard_optimizer_across_replicas:
         model.register_forward_pre_hook(lambda *_: _require_replica_optimizer(state))
     elif torchmics_replicates:
@@ -202,6 +210,29 @@ def shard(
         state.replica = ReplicaAllReduce(units, group, dtype, lambda: state.in_no_replica_sync, model)
     setattr(model, _STATE_ATTR, state)
     return model
+
+
+_KEPT_GATHERED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose units stay gathered after forward
+
+
+def _reshard_before_optimizer_steps(model: nn.Module) -> None:
+    """A unit kept gathered after a forward with no backward (a no-grad eval) would go on computing with the
+    copy gathered before the next ``optimizer.step()``; resharding such units before every step (a global
+    optimizer hook: torchmics does not own the optimizer) makes the next forward gather the new weights."""
+    if not _KEPT_GATHERED:
+        _install_reshard_hook()
+    _KEPT_GATHERED.add(model)
+
+
+@functools.cache
+def _install_reshard_hook() -> None:
+    register_optimizer_step_pre_hook(_reshard_kept_units)
+
+
+def _reshard_kept_units(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    for model in list(_KEPT_GATHERED):
+        for unit in shard_state(model).units:
+            unit.reshard()  # a no-op for units already resharded, as at the end of every backward
 
 
 def _check_offload(offload: bool, mixed_precision: MixedPrecision | None, optimizer_over_replicas: bool) -> None:
