@@ -72,14 +72,17 @@ def _misuse_on_every_rank() -> dict[str, str]:
     replicated = torchmics.shard(ToyModel(), torchmics.init_mesh(partition_size=1),  # 2 replicas; torchmics' hop
                                  mixed_precision=torchmics.MixedPrecision(replica_reduce_dtype=torch.bfloat16))
 
-    def clip_unreduced():
-        with torchmics.no_replica_sync(replicated):
-            replicated(torch.zeros(2, 3, dtype=torch.long)).sum().backward()
-        torchmics.clip_grad_norm_(replicated, 1.0)  # every backward of the step was deferred
+    by_fsdp2 = torchmics.shard(ToyModel(), torchmics.init_mesh(partition_size=1))  # 2 replicas; FSDP2's hop
 
-    attempt("clip_unreduced", clip_unreduced)
-    replicated(torch.zeros(2, 3, dtype=torch.long)).sum().backward()  # outside: reduces what was deferred
-    torchmics.clip_grad_norm_(replicated, 1.0)
+    def clip_unreduced(sharded):
+        with torchmics.no_replica_sync(sharded):
+            sharded(torch.zeros(2, 3, dtype=torch.long)).sum().backward()
+        torchmics.clip_grad_norm_(sharded, 1.0)  # every backward of the step was deferred
+
+    for name, sharded in (("clip_unreduced", replicated), ("clip_unreduced_fsdp2_hop", by_fsdp2)):
+        attempt(name, lambda: clip_unreduced(sharded))
+        sharded(torch.zeros(2, 3, dtype=torch.long)).sum().backward()  # outside: reduces what was deferred
+        torchmics.clip_grad_norm_(sharded, 1.0)
     attempt("seed_not_int", lambda: torchmics.shard(ToyModel(), topo, init_seed="7"))
     built = torch.optim.AdamW(model.parameters())
     attempt("optimizer_instance", lambda: torchmics.ReplicaShardedOptimizer(model, built))
@@ -104,7 +107,8 @@ def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
     assert "meta_init()" in errors["meta_buffers"] and errors["meta_buffers_again"] == errors["meta_buffers"]
     assert "inside no_replica_sync" in errors["clip_in_no_sync"]
     assert "must be > 0" in errors["clip_negative"]
-    assert "were never reduced across replicas: every backward since the last step ran inside" in errors["clip_unreduced"]
+    for name in ("clip_unreduced", "clip_unreduced_fsdp2_hop"):
+        assert "the last backward ran inside no_replica_sync(model), so its gradients were never reduced" in errors[name]
     assert "init_seed='7'" in errors["seed_not_int"]
     assert "not an optimizer already built" in errors["optimizer_instance"]
     assert "cannot run Adafactor: it steps flat slices" in errors["adafactor"]

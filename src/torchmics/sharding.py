@@ -91,6 +91,7 @@ class ShardState:
     optimizer_over_replicas: bool
     optimizer: object | None = None  # the ReplicaShardedOptimizer, once built
     in_no_replica_sync: bool = False
+    last_forward_deferred: bool = False  # the last forward to be backpropagated ran inside no_replica_sync
     offload: bool = False  # sharded parameters and gradients live in host memory
     reshard_after_forward: bool = True  # False: units stay gathered from forward to backward
 
@@ -202,6 +203,8 @@ def shard(
         materialize(model, current_device(), _agreed_seed(init_seed), units, offload)
     state = ShardState(topology, mixed_precision, units, None, shard_optimizer_across_replicas, offload=offload,
                        reshard_after_forward=not keeps_gathered)
+    if topology.num_replicas > 1:
+        model.register_forward_pre_hook(lambda *_: _note_deferral(state))
     if torchmics_replicates and shard_optimizer_across_replicas:
         model.register_forward_pre_hook(lambda *_: _require_replica_optimizer(state))
     elif torchmics_replicates:
@@ -265,6 +268,12 @@ def _agreed_seed(seed: int | None) -> int:
     value = torch.tensor([local % 2**63], dtype=torch.int64, device=current_device())
     dist.broadcast(value, src=0)
     return int(value.item())
+
+
+def _note_deferral(state: ShardState) -> None:
+    """Remember whether the backward of this forward will defer its replica hop (what clipping checks)."""
+    if torch.is_grad_enabled():
+        state.last_forward_deferred = state.in_no_replica_sync
 
 
 def _require_replica_optimizer(state: ShardState) -> None:
@@ -352,15 +361,14 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
             "across replicas (or not yet written at all), so their norm is wrong. Run the last micro-step's "
             "backward outside no_replica_sync, then clip."
         )
-    unreduced = state.replica.hop.unreduced_units() if state.replica is not None else 0
-    if unreduced:
-        raise RuntimeError(
-            f"clip_grad_norm_: the gradients of {unreduced} units were never reduced across "
-            "replicas: every backward since the last step ran inside no_replica_sync(model), so the replicas "
-            "would step apart. Run the last micro-step's backward outside no_replica_sync, then clip."
-        )
     if state.optimizer is not None:  # gradients are only complete in the optimizer's slices
         return state.optimizer.clip_grad_norm_(max_norm, norm_type)
+    if state.last_forward_deferred:  # whichever hop, FSDP2's or torchmics', it has not run on those gradients
+        raise RuntimeError(
+            "clip_grad_norm_: the last backward ran inside no_replica_sync(model), so its gradients were never "
+            "reduced across replicas and the replicas would step apart. Run the last micro-step's backward "
+            "outside no_replica_sync, then clip."
+        )
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if state.offload:
         total = _offloaded_norm(grads, norm_type, state.topology)
