@@ -119,8 +119,9 @@ def _single_rank_partitions(tokens: torch.Tensor) -> dict:
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             for unit in [*model.blocks, model]:  # resharding every unit, the root too: no copy outlives a step
                 fully_shard(unit, mesh=topo.mesh, mp_policy=policy, reshard_after_forward=True)
+        with torch.no_grad():  # an eval before the optimizer exists: it must still get the sharded parameters
+            losses = [lm_loss(model, tokens[0, 0][rank::world]).item()]
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        losses = []
         for n, step in enumerate(tokens):
             for i, micro in enumerate(step):
                 if system == "fsdp2":
@@ -132,7 +133,8 @@ def _single_rank_partitions(tokens: torch.Tensor) -> dict:
                         kept_gathered = not isinstance(model.blocks[0].mix.weight, DTensor)
                     loss.backward()
                 losses.append(loss.item())
-            with torch.no_grad():  # an eval before the step: a unit still gathered must not keep the old weights
+            # A forward before the step with no backward (no-grad, then with gradients): no unit may keep old weights.
+            with torch.no_grad() if n % 2 == 0 else contextlib.nullcontext():
                 losses.append(lm_loss(model, step[0][rank::world]).item())
             optimizer.step()
             optimizer.zero_grad()

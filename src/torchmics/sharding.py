@@ -158,8 +158,9 @@ def shard(
     them again for backward) except where the partition group is one rank and nothing is offloaded:
     there the gathered copy is the only one in the compute dtype, keeping it costs what autocast's
     cast cache costs a plain loop, and gathering again would be one more cast of the whole model.
-    ``False`` keeps units gathered at any partition size. Units still gathered when an optimizer
-    steps (after a no-grad forward) are resharded first, so the next forward gathers the new weights.
+    ``False`` keeps units gathered at any partition size. Either way a no-grad forward reshards its
+    units as it ends, and units still gathered when an optimizer steps are resharded first, so no
+    forward computes with weights from before a step.
     A one-rank partition group also skips FSDP2's extra copies of parameters and gradients
     (:func:`torchmics._fsdp.skip_single_rank_copies`).
     """
@@ -198,7 +199,7 @@ def shard(
             model.set_reshard_after_forward(False)
             keeps_gathered = True
     if keeps_gathered:
-        _reshard_before_optimizer_steps(model)
+        _reshard_when_no_backward_follows(model)
     if on_meta:
         materialize(model, current_device(), _agreed_seed(init_seed), units, offload)
     state = ShardState(topology, mixed_precision, units, None, shard_optimizer_across_replicas, offload=offload,
@@ -218,10 +219,19 @@ def shard(
 _KEPT_GATHERED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose units stay gathered after forward
 
 
-def _reshard_before_optimizer_steps(model: nn.Module) -> None:
-    """A unit kept gathered after a forward with no backward (a no-grad eval) would go on computing with the
-    copy gathered before the next ``optimizer.step()``; resharding such units before every step (a global
-    optimizer hook: torchmics does not own the optimizer) makes the next forward gather the new weights."""
+def _reshard_when_no_backward_follows(model: nn.Module) -> None:
+    """Units kept gathered are resharded by the backward that follows; where none does, they would hold a
+    copy of the weights that the next ``optimizer.step()`` makes stale, and ``model.parameters()`` would
+    list the gathered copies (an optimizer built then would step those). So a no-grad forward (an eval)
+    reshards them as it ends, and, for a forward with gradients but no backward, so does every optimizer
+    step before it runs (a global optimizer hook: torchmics does not own the optimizer)."""
+
+    def after_forward(module: nn.Module, args: tuple, output: object) -> None:
+        if not torch.is_grad_enabled():
+            for unit in shard_state(module).units:
+                unit.reshard()
+
+    model.register_forward_hook(after_forward)
     if not _KEPT_GATHERED:
         _install_reshard_hook()
     _KEPT_GATHERED.add(model)
