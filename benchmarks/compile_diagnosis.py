@@ -9,9 +9,9 @@ device time is host-bound) and the peak memory:
 - the plain loop (fp32 weights, bf16 autocast), bench's ``single``;
 - FSDP2 alone on the one-rank mesh (``fully_shard`` per block and root): what torchmics ran before it
   skipped FSDP2's world-size-1 copies;
-- torchmics with ``reshard_after_forward=True``: the copies skipped, but every unit gathered again
-  (cast again) for backward;
-- torchmics as ``shard()`` leaves it: the copies skipped and no reshard after forward.
+- torchmics with ``reshard_after_forward=True`` (``shard()``'s default): the copies skipped, but every
+  unit gathered again (cast again) for backward;
+- torchmics as ``train`` runs P = 1: the copies skipped and units kept gathered from forward to backward.
 
 Then dynamo's counters and ``torch._dynamo.explain`` of one block (graphs, graph breaks and their
 reasons), and with ``--profile DIR`` each variant's host-side table (self CPU time) for one step.
@@ -53,7 +53,7 @@ VARIANTS = {
     "plain loop (fp32 weights, bf16 autocast)": "plain",
     "FSDP2 alone on the one-rank mesh": "fsdp2",
     "torchmics, reshard_after_forward=True": "reshard",
-    "torchmics, as shard() leaves it": "torchmics",
+    "torchmics, kept gathered (as train runs P=1)": "torchmics",
 }
 
 
@@ -75,7 +75,7 @@ def _build(variant: str, preset: str, seq: int, compiled: bool = True) -> tuple[
         materialize(model, DEVICE, 0, [*units, model])
         return model, info
     mp = torchmics.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    reshard = True if variant == "reshard" else None
+    reshard = variant == "reshard"
     return torchmics.shard(model, topo, mixed_precision=mp, reshard_after_forward=reshard, init_seed=0), info
 
 

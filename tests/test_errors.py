@@ -84,6 +84,7 @@ def _misuse_on_every_rank() -> dict[str, str]:
         sharded(torch.zeros(2, 3, dtype=torch.long)).sum().backward()  # outside: reduces what was deferred
         torchmics.clip_grad_norm_(sharded, 1.0)
     attempt("seed_not_int", lambda: torchmics.shard(ToyModel(), topo, init_seed="7"))
+    attempt("reshard_not_bool", lambda: torchmics.shard(ToyModel(), topo, reshard_after_forward=None))
     built = torch.optim.AdamW(model.parameters())
     attempt("optimizer_instance", lambda: torchmics.ReplicaShardedOptimizer(model, built))
     attempt("adafactor", lambda: torchmics.ReplicaShardedOptimizer(model, torch.optim.Adafactor))
@@ -108,8 +109,9 @@ def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
     assert "inside no_replica_sync" in errors["clip_in_no_sync"]
     assert "must be > 0" in errors["clip_negative"]
     for name in ("clip_unreduced", "clip_unreduced_fsdp2_hop"):
-        assert "the last backward ran inside no_replica_sync(model), so its gradients were never reduced" in errors[name]
+        assert "were never reduced across replicas: every backward since their last reduction ran" in errors[name]
     assert "init_seed='7'" in errors["seed_not_int"]
+    assert "reshard_after_forward=None" in errors["reshard_not_bool"]
     assert "not an optimizer already built" in errors["optimizer_instance"]
     assert "cannot run Adafactor: it steps flat slices" in errors["adafactor"]
     assert errors["topology_not_a_topology"].startswith("TypeError: shard(model, topology): topology is a torchmics.")

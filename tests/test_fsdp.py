@@ -112,7 +112,8 @@ def _single_rank_partitions(tokens: torch.Tensor) -> dict:
         model = ToyModel()
         if system == "torchmics":
             precision = torchmics.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            model = torchmics.shard(model, topo, wrap=(ToyBlock,), mixed_precision=precision)
+            model = torchmics.shard(model, topo, wrap=(ToyBlock,), mixed_precision=precision,
+                                    reshard_after_forward=False)  # as train runs P = 1
             groups = [unit._get_fsdp_state()._fsdp_param_group for unit in torchmics.sharding.shard_state(model).units]
             skipped = ["wait_for_unshard" in vars(group) for group in groups]  # shard() replaced FSDP2's
         else:
@@ -133,8 +134,7 @@ def _single_rank_partitions(tokens: torch.Tensor) -> dict:
                         kept_gathered = not isinstance(model.blocks[0].mix.weight, DTensor)
                     loss.backward()
                 losses.append(loss.item())
-            # A forward before the step with no backward (no-grad, then with gradients): no unit may keep old weights.
-            with torch.no_grad() if n % 2 == 0 else contextlib.nullcontext():
+            with torch.no_grad():  # an eval before the step: no unit may keep the old weights after it
                 losses.append(lm_loss(model, step[0][rank::world]).item())
             optimizer.step()
             optimizer.zero_grad()

@@ -612,7 +612,7 @@ def test_one_partition_group_gains_nothing_from_fault_tolerance():
 
 
 def test_one_rank_partitions_keep_units_gathered_unless_that_does_not_fit(monkeypatch):
-    """At P = 1 shard() keeps every unit gathered from forward to backward (a bf16 copy of the model); where
+    """At P = 1 train keeps every unit gathered from forward to backward (a bf16 copy of the model); where
     that copy is what does not fit, the planner and train reshard instead of refusing the job."""
     gpt = pytest.importorskip("torchmics.models.gpt")
     from torchmics.train.config import TrainConfig
@@ -631,10 +631,10 @@ def test_one_rank_partitions_keep_units_gathered_unless_that_does_not_fit(monkey
 
     info = gpt.ModelInfo("6.7b", gpt.PRESETS["6.7b"].num_params(), 32, 4096, 50304, 2048, 0)
     cfg = TrainConfig(model="6.7b", micro_batch=1, mixed_precision="bf16", activation_checkpointing=True)
-    for memory_gib, expected in ((141, None), (120, True)):
+    for memory_gib, expected in ((141, False), (120, True)):
         _fake_gpu(monkeypatch, "NVIDIA H200", memory_gib)
         assert resolve_reshard_after_forward(cfg, info, 1, 1, partition_size=1) is expected
-    assert resolve_reshard_after_forward(cfg, info, 2, 2, partition_size=2) is None  # only one-rank groups keep them
+    assert resolve_reshard_after_forward(cfg, info, 2, 2, partition_size=2) is True  # only one-rank groups keep them
 
 
 def test_memory_model_predicts_a_one_rank_partition_with_units_kept_gathered():

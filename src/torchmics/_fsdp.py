@@ -1,6 +1,6 @@
 """Every way torchmics reaches past FSDP2's public API, in one place, checked against one tested range of torch.
 
-torchmics builds MiCS on FSDP2 from outside, and six of the things it needs are not public contracts:
+torchmics builds MiCS on FSDP2 from outside, and seven of the things it needs are not public contracts:
 
 1. Custom collectives subclass ``torch.distributed.fsdp._fully_shard._fsdp_api.AllGather`` /
    ``ReduceScatter`` (what ``set_custom_all_gather`` / ``set_custom_reduce_scatter`` take), and FSDP2
@@ -19,6 +19,9 @@ torchmics builds MiCS on FSDP2 from outside, and six of the things it needs are 
 6. A unit whose partition group is one rank skips two copies FSDP2 makes at world size 1
    (:func:`skip_single_rank_copies`): its unshard replaces ``FSDPParamGroup.wait_for_unshard`` on that
    group, and its reduce-scatter's ``allocate`` hands FSDP2 the input buffer again as the output.
+7. Whether FSDP2's own (HSDP) replica all-reduce still owes a unit's gradients, because every backward
+   since it last ran deferred it, is read off the unit's ``_partial_reduce_output``
+   (:func:`replica_reduction_pending`).
 
 Each of these was tested on torch ``OLDEST_TORCH`` to ``NEWEST_TESTED_TORCH`` (pyproject.toml's minimum to
 the release CI runs). Importing torchmics on another torch is an error, because a change in any of them
@@ -148,6 +151,8 @@ class _AliasedReduceScatter(ReduceScatter):
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         pending, self._unpaired = self._unpaired, None
         if pending is not None and pending.shape == torch.Size(size) and pending.dtype == dtype:
+            if pending.is_cuda:  # allocated on the compute stream, read as the output on this (reduce-scatter) one
+                pending.record_stream(torch.cuda.current_stream(pending.device))
             return pending
         self._unpaired = torch.empty(size, dtype=dtype, device=device)
         return self._unpaired
@@ -198,6 +203,12 @@ def skip_single_rank_copies(unit: nn.Module) -> bool:
     return True
 
 
+def replica_reduction_pending(unit: nn.Module) -> bool:
+    """7. Whether ``unit`` holds gradients FSDP2 reduce-scattered but has not yet all-reduced across replicas."""
+    group = unit._get_fsdp_state()._fsdp_param_group
+    return group is not None and group._partial_reduce_output is not None
+
+
 __all__ = [
     "ALLOW_UNTESTED_ENV",
     "ALL_GATHER",
@@ -216,6 +227,7 @@ __all__ = [
     "queue_end_of_backward",
     "reduce_scatter_single",
     "register_gradient_hook",
+    "replica_reduction_pending",
     "tested_range",
     "skip_single_rank_copies",
 ]

@@ -99,6 +99,10 @@ class ReplicaHop:
         self._waiting.discard(u)
         self._collective(u)
 
+    def unreduced_units(self) -> int:
+        """Units holding gradients that no replica collective has reduced: every backward since ran deferred."""
+        return len(self._waiting)
+
     def flush(self) -> None:
         """Run the collective of every unit still holding unreduced gradients, in unit order."""
         for u in sorted(self._waiting):  # the same order on every replica

@@ -9,9 +9,7 @@ the replication all-reduce to the last micro-step (:func:`no_replica_sync`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -21,9 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from torchmics._fsdp import skip_single_rank_copies
+from torchmics._fsdp import replica_reduction_pending, skip_single_rank_copies
 from torchmics.collectives import HierarchicalAllGather, HierarchicalReduceScatter
 from torchmics.materialize import materialize, refuse_meta_buffers
 from torchmics.quantized import Quantized, QuantizedReplicaHop
@@ -91,7 +88,6 @@ class ShardState:
     optimizer_over_replicas: bool
     optimizer: object | None = None  # the ReplicaShardedOptimizer, once built
     in_no_replica_sync: bool = False
-    last_forward_deferred: bool = False  # the last forward to be backpropagated ran inside no_replica_sync
     offload: bool = False  # sharded parameters and gradients live in host memory
     reshard_after_forward: bool = True  # False: units stay gathered from forward to backward
 
@@ -125,7 +121,7 @@ def shard(
     wrap: tuple[type[nn.Module], ...] | None = None,
     mixed_precision: MixedPrecision | None = None,
     hierarchical: bool | Literal["auto"] = "auto",
-    reshard_after_forward: bool | None = None,
+    reshard_after_forward: bool = True,
     shard_optimizer_across_replicas: bool = False,
     offload: bool = False,
     init_seed: int | None = None,
@@ -154,14 +150,14 @@ def shard(
     (pinned) CPU memory, and steps the optimizer there: GPU memory then holds only gathered units
     and activations (FSDP2's ``CPUOffloadPolicy``).
 
-    ``reshard_after_forward=None`` frees each unit's gathered parameters after its forward (gathering
-    them again for backward) except where the partition group is one rank and nothing is offloaded:
-    there the gathered copy is the only one in the compute dtype, keeping it costs what autocast's
-    cast cache costs a plain loop, and gathering again would be one more cast of the whole model.
-    ``False`` keeps units gathered at any partition size. Either way a no-grad forward reshards its
-    units as it ends, and units still gathered when an optimizer steps are resharded first, so no
-    forward computes with weights from before a step.
-    A one-rank partition group also skips FSDP2's extra copies of parameters and gradients
+    ``reshard_after_forward=False`` keeps each unit gathered from its forward to its backward instead
+    of gathering it again there. At a partition size of 1 that is what a plain loop does (autocast's
+    cast cache holds the same compute-dtype copy) and saves a cast of the whole model per step; ``train``
+    does it there (when it fits). It has FSDP2's caveat: after a forward with gradients that no backward
+    follows, the units stay gathered, so ``model.parameters()`` lists the gathered copies and an
+    optimizer step leaves them stale: call ``model.reshard()`` (each unit's) before building or stepping
+    an optimizer then. A no-grad forward (an eval) reshards the units itself as it ends.
+    A one-rank partition group skips FSDP2's extra copies of parameters and gradients
     (:func:`torchmics._fsdp.skip_single_rank_copies`).
     """
     _check_shardable(model, topology)
@@ -171,6 +167,8 @@ def shard(
     _check_offload(offload, mixed_precision, shard_optimizer_across_replicas)
     if init_seed is not None and (isinstance(init_seed, bool) or not isinstance(init_seed, int)):
         raise TypeError(f"shard(init_seed={init_seed!r}): the seed is an int (or None for torch.initial_seed())")
+    if not isinstance(reshard_after_forward, bool):
+        raise TypeError(f"shard(reshard_after_forward={reshard_after_forward!r}): True (the default) or False")
     use_hierarchy = _resolve_hierarchical(hierarchical, topology)
     mixed_precision = mixed_precision or MixedPrecision()
     torchmics_replicates = topology.num_replicas > 1 and (
@@ -181,9 +179,8 @@ def shard(
     policy = mixed_precision.to_fsdp()
     units = resolve_units(model, wrap)
     offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
-    keeps_gathered = reshard_after_forward is False
     for unit in [*units, model]:
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=not keeps_gathered,
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
                     offload_policy=offload_policy)
     if _owns_params(model, units):
         units.append(model)  # the root unit communicates what no unit holds (embeddings, head, tied weights)
@@ -195,17 +192,12 @@ def shard(
     elif topology.partition_size == 1 and not offload:
         for unit in units:
             skip_single_rank_copies(unit)
-        if reshard_after_forward is None:
-            model.set_reshard_after_forward(False)
-            keeps_gathered = True
-    if keeps_gathered:
-        _reshard_when_no_backward_follows(model)
+    if not reshard_after_forward:
+        model.register_forward_hook(_reshard_after_no_grad_forward)
     if on_meta:
         materialize(model, current_device(), _agreed_seed(init_seed), units, offload)
     state = ShardState(topology, mixed_precision, units, None, shard_optimizer_across_replicas, offload=offload,
-                       reshard_after_forward=not keeps_gathered)
-    if topology.num_replicas > 1:
-        model.register_forward_pre_hook(lambda *_: _note_deferral(state))
+                       reshard_after_forward=reshard_after_forward)
     if torchmics_replicates and shard_optimizer_across_replicas:
         model.register_forward_pre_hook(lambda *_: _require_replica_optimizer(state))
     elif torchmics_replicates:
@@ -216,36 +208,12 @@ def shard(
     return model
 
 
-_KEPT_GATHERED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose units stay gathered after forward
-
-
-def _reshard_when_no_backward_follows(model: nn.Module) -> None:
-    """Units kept gathered are resharded by the backward that follows; where none does, they would hold a
-    copy of the weights that the next ``optimizer.step()`` makes stale, and ``model.parameters()`` would
-    list the gathered copies (an optimizer built then would step those). So a no-grad forward (an eval)
-    reshards them as it ends, and, for a forward with gradients but no backward, so does every optimizer
-    step before it runs (a global optimizer hook: torchmics does not own the optimizer)."""
-
-    def after_forward(module: nn.Module, args: tuple, output: object) -> None:
-        if not torch.is_grad_enabled():
-            for unit in shard_state(module).units:
-                unit.reshard()
-
-    model.register_forward_hook(after_forward)
-    if not _KEPT_GATHERED:
-        _install_reshard_hook()
-    _KEPT_GATHERED.add(model)
-
-
-@functools.cache
-def _install_reshard_hook() -> None:
-    register_optimizer_step_pre_hook(_reshard_kept_units)
-
-
-def _reshard_kept_units(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    for model in list(_KEPT_GATHERED):
+def _reshard_after_no_grad_forward(model: nn.Module, args: tuple, output: object) -> None:
+    """An eval's forward has no backward to reshard its units: reshard them now, so that the next optimizer
+    step updates the shards ``model.parameters()`` lists and the next forward gathers the new weights."""
+    if not torch.is_grad_enabled():
         for unit in shard_state(model).units:
-            unit.reshard()  # a no-op for units already resharded, as at the end of every backward
+            unit.reshard()
 
 
 def _check_offload(offload: bool, mixed_precision: MixedPrecision | None, optimizer_over_replicas: bool) -> None:
@@ -278,12 +246,6 @@ def _agreed_seed(seed: int | None) -> int:
     value = torch.tensor([local % 2**63], dtype=torch.int64, device=current_device())
     dist.broadcast(value, src=0)
     return int(value.item())
-
-
-def _note_deferral(state: ShardState) -> None:
-    """Remember whether the backward of this forward will defer its replica hop (what clipping checks)."""
-    if torch.is_grad_enabled():
-        state.last_forward_deferred = state.in_no_replica_sync
 
 
 def _require_replica_optimizer(state: ShardState) -> None:
@@ -373,12 +335,16 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         )
     if state.optimizer is not None:  # gradients are only complete in the optimizer's slices
         return state.optimizer.clip_grad_norm_(max_norm, norm_type)
-    if state.last_forward_deferred:  # whichever hop, FSDP2's or torchmics', it has not run on those gradients
+    unreduced = _units_owing_the_replica_hop(state)
+    if unreduced:
         raise RuntimeError(
-            "clip_grad_norm_: the last backward ran inside no_replica_sync(model), so its gradients were never "
-            "reduced across replicas and the replicas would step apart. Run the last micro-step's backward "
-            "outside no_replica_sync, then clip."
+            f"clip_grad_norm_: the gradients of {unreduced} units were never reduced across replicas: every "
+            "backward since their last reduction ran inside no_replica_sync(model), so the replicas would step "
+            "apart. Run the last micro-step's backward outside no_replica_sync, then clip."
         )
+    if not state.reshard_after_forward:  # a forward no backward followed leaves gathered copies in parameters()
+        for unit in state.units:
+            unit.reshard()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if state.offload:
         total = _offloaded_norm(grads, norm_type, state.topology)
@@ -389,6 +355,13 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
     return total
 
+
+
+def _units_owing_the_replica_hop(state: ShardState) -> int:
+    """Units whose gradients wait for a replica hop, torchmics' own or FSDP2's (HSDP), that never ran."""
+    if state.replica is not None:
+        return state.replica.hop.unreduced_units()
+    return sum(replica_reduction_pending(unit) for unit in state.units)
 
 
 def _offloaded_norm(grads: list[DTensor], norm_type: float, topology: Topology) -> torch.Tensor:

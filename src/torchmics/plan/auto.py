@@ -58,7 +58,7 @@ def recommend_partition_size(info: ModelInfo, job: Job, cluster: ClusterProfile 
 
 def single_rank_must_reshard(info: ModelInfo, job: Job, cluster: ClusterProfile | None = None) -> bool:
     """Whether, at partition size 1, the units kept gathered from forward to backward would not fit but
-    resharded ones would: then ``shard(reshard_after_forward=True)`` trades a cast per unit for the memory."""
+    resharded ones would: then ``train`` reshards after forward, a cast per unit for the memory."""
     cluster = cluster or local_cluster(job)
     nodes = job.world // job.gpus_per_node
     one_rank = job.options.with_sharding("mics", 1)

@@ -14,8 +14,8 @@ still held; the estimate follows FSDP2 with mixed precision and ``zero_grad(set_
 * FSDP2 keeps the root unit (embeddings and head) gathered during forward and holds the current block
   plus one prefetched block in ``param_bytes``; backward adds one block's unsharded gradient, produced
   in ``param_bytes`` and cast to ``reduce_bytes`` for the reduce-scatter. At a partition size of 1
-  (without offload) ``shard`` does not reshard after forward unless told to, so every unit is still
-  gathered when backward starts: ``param_bytes`` for every parameter, as autocast's cast cache in a
+  (without offload) ``train`` does not reshard after forward unless that does not fit, so every unit is
+  still gathered when backward starts: ``param_bytes`` for every parameter, as autocast's cast cache in a
   plain loop (``Strategy.keeps_gathered``);
 * activations per block follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
   Transformer Models", Eq. 1 without tensor parallelism): ``s*b*d*(34 + 5*a*s/d)`` bytes at 16 bits,
@@ -166,14 +166,14 @@ def _computes_under_autocast(strategy: Strategy) -> bool:
 
 
 def _gathered_bytes(model: ModelSpec, strategy: Strategy, partition_size: int) -> float:
-    """Unsharded units in flight: root + current + prefetched block (every unit at partition size 1, which
-    keeps them gathered from forward to backward), and one block's full gradient.
+    """Unsharded units in flight: root + current + prefetched block (every unit where they are kept
+    gathered from forward to backward), and one block's full gradient.
 
     DDP gathers nothing; under autocast the cast cache holds a low-precision copy of every weight.
     """
     if strategy.kind == "ddp":
         return strategy.param_bytes * model.num_params if _computes_under_autocast(strategy) else 0.0
-    kept = strategy.keeps_gathered(partition_size)
+    kept = strategy.keeps_gathered(partition_size)  # as train shards
     in_flight = model.num_params if kept else model.embedding_params + 2 * model.layer_params
     params = strategy.param_bytes * in_flight
     cast = strategy.param_bytes if strategy.reduce_bytes != strategy.param_bytes else 0

@@ -34,8 +34,8 @@ class Strategy:
     and optimizer states in host memory (FSDP2's ``CPUOffloadPolicy``) and steps the optimizer there.
     A quantized replica hop moves ``replica_reduce_bytes`` of about 1 per element (int8 or fp8 plus a
     scale per block); ``error_feedback_residuals`` counts its fp32 residuals (torchmics.quantized).
-    ``reshard_after_forward`` is ``shard()``'s option of that name: ``None`` keeps every unit gathered
-    from forward to backward exactly at P = 1 without offload (:meth:`keeps_gathered`).
+    ``reshard_after_forward`` is ``shard()``'s option of that name; ``None`` is what ``train`` picks: every
+    unit kept gathered from forward to backward exactly at P = 1 without offload (:meth:`keeps_gathered`).
     """
 
     kind: Kind
@@ -67,7 +67,7 @@ class Strategy:
         return cls("mics", partition_size, **options)
 
     def keeps_gathered(self, partition_size: int) -> bool:
-        """Whether units stay gathered from forward to backward, as ``torchmics.shard`` decides it."""
+        """Whether units stay gathered from forward to backward in ``shard`` (``None``: as ``train`` decides)."""
         if self.reshard_after_forward is None:
             return partition_size == 1 and not self.cpu_offload
         return not self.reshard_after_forward

@@ -49,7 +49,7 @@ def check_pretrained(cfg: TrainConfig, model: nn.Module) -> None:
                          "pass --random-init to train from scratch")
 
 
-def shard_model(model: nn.Module, cfg: TrainConfig, topo: Topology, reshard_after_forward: bool | None = None) -> nn.Module:
+def shard_model(model: nn.Module, cfg: TrainConfig, topo: Topology, reshard_after_forward: bool = True) -> nn.Module:
     """Prepare and shard ``model`` (built by :func:`build_on_meta`); each rank initializes its shards."""
     return torchmics.shard(prepare_model(model, cfg), topo, mixed_precision=mixed_precision(cfg),
                            shard_optimizer_across_replicas=cfg.optimizer_over_replicas,

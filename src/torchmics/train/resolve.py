@@ -59,12 +59,13 @@ def resolve_partition_size(cfg: TrainConfig, info: ModelInfo, world: int, gpus_p
 
 
 def resolve_reshard_after_forward(cfg: TrainConfig, info: ModelInfo, world: int, gpus_per_node: int,
-                                  partition_size: int) -> bool | None:
-    """``shard()``'s default (``None``), or ``True`` where a one-rank partition group's units, kept gathered
-    from forward to backward, would not fit this GPU and resharded ones would (see :func:`torchmics.shard`)."""
-    if partition_size != 1 or cfg.cpu_offload or not torch.cuda.is_available():
-        return None
-    return True if single_rank_must_reshard(info, planner_job(cfg, world, gpus_per_node)) else None
+                                  partition_size: int) -> bool:
+    """``False`` (units kept gathered from forward to backward) for a one-rank partition group without
+    offload, as a plain loop keeps autocast's copies, unless on this GPU that copy would not fit and
+    resharded units would (see :func:`torchmics.shard`); ``True`` everywhere else."""
+    if partition_size != 1 or cfg.cpu_offload:
+        return True
+    return torch.cuda.is_available() and single_rank_must_reshard(info, planner_job(cfg, world, gpus_per_node))
 
 
 def planner_job(cfg: TrainConfig, world: int, gpus_per_node: int) -> Job:
