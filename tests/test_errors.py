@@ -109,7 +109,7 @@ def test_misuse_in_a_live_job_raises_everywhere_and_leaves_model_usable():
     assert "inside no_replica_sync" in errors["clip_in_no_sync"]
     assert "must be > 0" in errors["clip_negative"]
     for name in ("clip_unreduced", "clip_unreduced_fsdp2_hop"):
-        assert "were never reduced across replicas: every backward since their last reduction ran" in errors[name]
+        assert "gradients were never reduced across replicas: every backward since the last step ran" in errors[name]
     assert "init_seed='7'" in errors["seed_not_int"]
     assert "reshard_after_forward=None" in errors["reshard_not_bool"]
     assert "not an optimizer already built" in errors["optimizer_instance"]

@@ -228,6 +228,6 @@ __all__ = [
     "reduce_scatter_single",
     "register_gradient_hook",
     "replica_reduction_pending",
-    "tested_range",
     "skip_single_rank_copies",
+    "tested_range",
 ]

@@ -335,33 +335,43 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         )
     if state.optimizer is not None:  # gradients are only complete in the optimizer's slices
         return state.optimizer.clip_grad_norm_(max_norm, norm_type)
-    unreduced = _units_owing_the_replica_hop(state)
-    if unreduced:
-        raise RuntimeError(
-            f"clip_grad_norm_: the gradients of {unreduced} units were never reduced across replicas: every "
-            "backward since their last reduction ran inside no_replica_sync(model), so the replicas would step "
-            "apart. Run the last micro-step's backward outside no_replica_sync, then clip."
-        )
     if not state.reshard_after_forward:  # a forward no backward followed leaves gathered copies in parameters()
         for unit in state.units:
             unit.reshard()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    with_grads = [p for p in model.parameters() if p.grad is not None]
+    _refuse_unreduced(state, bool(with_grads))
+    grads = [p.grad for p in with_grads]
     if state.offload:
         total = _offloaded_norm(grads, norm_type, state.topology)
     else:
         total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
     if isinstance(total, DTensor):
         total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
+    torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, total)
     return total
 
 
+def _refuse_unreduced(state: ShardState, any_gradient: bool) -> None:
+    """Raise if every backward since the last step deferred the replica hop, whichever runs it.
 
-def _units_owing_the_replica_hop(state: ShardState) -> int:
-    """Units whose gradients wait for a replica hop, torchmics' own or FSDP2's (HSDP), that never ran."""
+    torchmics' hop leaves partition-reduced gradients in ``.grad`` (the replicas would step apart);
+    FSDP2's (HSDP) holds them back entirely (the step would apply none). A unit whose gradients came
+    only from deferred micro-steps while others were reduced is FSDP2's own limitation, not refused:
+    FSDP2 keeps those gradients for the unit's next reduction (torchmics' hop reduces them at once).
+    """
     if state.replica is not None:
-        return state.replica.hop.unreduced_units()
-    return sum(replica_reduction_pending(unit) for unit in state.units)
+        unreduced = state.replica.hop.unreduced_units()
+        consequence = (f"the gradients of {unreduced} units hold partition-reduced values and the replicas would "
+                       "step apart")
+    else:
+        unreduced = 0 if any_gradient else sum(replica_reduction_pending(unit) for unit in state.units)
+        consequence = "FSDP2's replica all-reduce holds every gradient back and the step would apply none"
+    if unreduced:
+        raise RuntimeError(
+            f"clip_grad_norm_: gradients were never reduced across replicas: every backward since the last step ran "
+            f"inside no_replica_sync(model), so {consequence}. Run the last micro-step's backward outside "
+            "no_replica_sync, then clip."
+        )
 
 
 def _offloaded_norm(grads: list[DTensor], norm_type: float, topology: Topology) -> torch.Tensor:

@@ -34,7 +34,7 @@ def _torchmics(spec: BenchSpec, model: nn.Module, hierarchical, two_hop: bool, o
     mp = torchmics.MixedPrecision(spec.param_dtype, spec.reduce_dtype, spec.replica_reduce_dtype)
     model = torchmics.shard(model, topo, mixed_precision=mp, hierarchical=hierarchical,
                             shard_optimizer_across_replicas=optimizer_over_replicas, init_seed=SEED,
-                            reshard_after_forward=spec.partition_size > 1)  # as train runs P = 1
+                            reshard_after_forward=spec.partition_size > 1)  # as train runs P = 1 (when it fits)
     optimizer = None
     if optimizer_over_replicas:
         fused = torch.cuda.is_available()

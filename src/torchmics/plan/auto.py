@@ -57,17 +57,13 @@ def recommend_partition_size(info: ModelInfo, job: Job, cluster: ClusterProfile 
 
 
 def single_rank_must_reshard(info: ModelInfo, job: Job, cluster: ClusterProfile | None = None) -> bool:
-    """Whether, at partition size 1, the units kept gathered from forward to backward would not fit but
-    resharded ones would: then ``train`` reshards after forward, a cast per unit for the memory."""
+    """Whether, at partition size 1, the units kept gathered from forward to backward would not fit: then
+    ``train`` reshards after forward (a cast per unit for the memory), as ``plan`` does."""
     cluster = cluster or local_cluster(job)
     nodes = job.world // job.gpus_per_node
     one_rank = job.options.with_sharding("mics", 1)
-
-    def fits(strategy: Strategy) -> bool:
-        return evaluate(_model_spec(info), cluster, nodes, strategy, job.micro_batch, job.accum,
+    return not evaluate(_model_spec(info), cluster, nodes, one_rank, job.micro_batch, job.accum,
                         job.activation_checkpointing).fits
-
-    return not fits(one_rank) and fits(dataclasses.replace(one_rank, reshard_after_forward=True))
 
 
 def _model_spec(info: ModelInfo) -> ModelSpec:

@@ -34,10 +34,13 @@ def record_strategy(record: Record) -> Strategy:
 
     The bench's DDP all-reduces every micro-step (no ``no_sync``); FSDP2 HSDP gathers with NCCL's flat
     ring; torchmics is MiCS, hierarchical where its partition spans nodes, two-hop unless told not to.
+    Units were resharded after forward unless the record says otherwise (records before the field
+    were all measured resharding).
     """
     shared = options(record["param_dtype"], record["reduce_dtype"], record.get("replica_reduce_dtype"))
     precision = {"param_bytes": shared.param_bytes, "reduce_bytes": shared.reduce_bytes,
-                 "replica_reduce_bytes": shared.replica_reduce_bytes}
+                 "replica_reduce_bytes": shared.replica_reduce_bytes,
+                 "reshard_after_forward": record.get("reshard_after_forward", True)}
     system, p = record["system"], record["partition_size"]
     if system == "ddp":
         return Strategy.ddp(two_hop=False, **precision)

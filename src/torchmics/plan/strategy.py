@@ -68,6 +68,8 @@ class Strategy:
 
     def keeps_gathered(self, partition_size: int) -> bool:
         """Whether units stay gathered from forward to backward in ``shard`` (``None``: as ``train`` decides)."""
+        if self.kind != "mics":  # DDP gathers nothing; ZeRO-3 is FSDP2's default, which reshards
+            return False
         if self.reshard_after_forward is None:
             return partition_size == 1 and not self.cpu_offload
         return not self.reshard_after_forward

@@ -106,13 +106,21 @@ class Reporter:
         self.console.print(f"[bold]torchmics train[/bold]  model {info.name}: {info.num_params / 1e6:.2f}M params, "
                            f"{info.n_layer} layers, d_model {info.d_model}, seq {info.seq_len}")
         self.console.print(f"topology  {topo.describe()}")
-        kept = "" if shard_state(model).reshard_after_forward else "; every unit stays gathered from forward to backward"
+        kept = self._gathering(topo, model)
         self.console.print(f"memory    model states per rank {state / MiB:.1f} MiB (params + grads + AdamW, "
                            f"of {full / MiB:.1f} MiB in all){kept}")
         self.console.print(f"precision {self._precision(topo)}")
         self.console.print(f"data      {source}; {self.cfg.micro_batch} seq/rank x {topo.world_size} ranks x "
                            f"{self.cfg.accum} micro-steps per step")
         self.console.print(f"output    {self.out}")
+
+    def _gathering(self, topo: Topology, model: nn.Module) -> str:
+        """At P = 1 units stay gathered from forward to backward, unless that copy would not fit (train/resolve.py)."""
+        if not shard_state(model).reshard_after_forward:
+            return "; every unit stays gathered from forward to backward"
+        if topo.partition_size == 1 and not self.cfg.cpu_offload:
+            return "; units resharded after forward: keeping them gathered would not fit"
+        return ""
 
     def _precision(self, topo: Topology) -> str:
         """Compute dtype and what each gradient hop sends: the replica hop is the one on the slow links."""
