@@ -37,14 +37,15 @@ BUILDERS = {"toy": ToyModel, "partly-used": PartlyUsedToyModel, "llama": build_l
 
 def sharded_training(gpus_per_node: int, partition_size: int, builder: str, batches: torch.Tensor,
                      replica_reduce_dtype: torch.dtype | None = None, optimizer_over_replicas: bool = False,
-                     param_dtype: torch.dtype | None = None, offload: bool = False):
+                     param_dtype: torch.dtype | None = None, offload: bool = False, reshard_after_forward: bool = True):
     """Runs on every rank: shard, train with two-hop accumulation, return losses, weights, traffic."""
     topo = torchmics.init_mesh(partition_size=partition_size, gpus_per_node=gpus_per_node)
     torch.manual_seed(0)
     reduce_dtype = torch.float32 if param_dtype is not None else None  # bf16 compute, fp32 reduction
     precision = torchmics.MixedPrecision(param_dtype, reduce_dtype, replica_reduce_dtype)
     model = torchmics.shard(BUILDERS[builder](), topo, mixed_precision=precision,
-                            shard_optimizer_across_replicas=optimizer_over_replicas, offload=offload)
+                            shard_optimizer_across_replicas=optimizer_over_replicas, offload=offload,
+                            reshard_after_forward=reshard_after_forward)
     if optimizer_over_replicas:
         opt = torchmics.ReplicaShardedOptimizer(model, torch.optim.AdamW, lr=1e-2)
     else:
@@ -184,6 +185,16 @@ def test_optimizer_sharded_across_replicas(world, nodes, partition):
         moments = 2 * result["shard_numel"]  # what a plain AdamW keeps on this rank
         padding = 2 * result["trainable_tensors"]  # uneven slices: at most one element per tensor and moment
         assert moments / replicas - padding <= result["optimizer_state_numel"] <= moments / replicas + padding
+
+
+def test_one_rank_partitions_kept_gathered_match_single_process():
+    """P = 1 as train runs it (units kept gathered from forward to backward, FSDP2's world-size-1 copies
+    skipped), two replicas, with each replica hop: FSDP2's, torchmics' own, the optimizer over replicas."""
+    batches = make_batches(STEPS, ACCUM, global_batch=4)
+    hops = [(None, False), (torch.float32, False), (None, True)]
+    cases = [(1, 1, "toy", batches, dtype, over_replicas, None, False, False) for dtype, over_replicas in hops]
+    for result in run_ranks(_several, 2, cases, nodes=2)[0]:
+        assert_matches_reference(result, "toy", batches)
 
 
 @pytest.mark.parametrize("replica_hop", ["torchmics-all-reduce", "optimizer-over-replicas"])
