@@ -25,9 +25,9 @@ torchmics builds MiCS on FSDP2 from outside, and seven of the things it needs ar
 
 Each of these was tested on torch ``OLDEST_TORCH`` to ``NEWEST_TESTED_TORCH`` (pyproject.toml's minimum to
 the release CI runs). Importing torchmics on another torch is an error, because a change in any of them
-fails silently (a replica hop never run, a collective not waited for, a gradient buffer aliased), unless the environment variable
-``TORCHMICS_ALLOW_UNTESTED_TORCH=1`` says to try; :class:`torchmics.replica.ReplicaHop` then still checks
-at run time that FSDP2 called its hooks.
+fails silently (a replica hop never run, a collective not waited for, a gradient buffer aliased), unless the
+environment variable ``TORCHMICS_ALLOW_UNTESTED_TORCH=1`` says to try; :class:`torchmics.replica.ReplicaHop`
+then still checks at run time that FSDP2 called its hooks.
 """
 
 from __future__ import annotations
@@ -161,24 +161,24 @@ class _AliasedReduceScatter(ReduceScatter):
         raise RuntimeError("torchmics' single-rank reduce-scatter is only for a partition group of one rank")
 
 
-def skip_single_rank_copies(unit: nn.Module) -> bool:
+def skip_single_rank_copies(unit: nn.Module) -> None:
     """6. Take out the copies FSDP2 makes of ``unit``'s parameters and gradients when its partition group is one rank.
 
     At world size 1 FSDP2's unshard casts every sharded parameter into a fresh tensor and copies that into
     the unsharded buffer, one parameter at a time (6a), and its reduce-scatter copies the flat gradient
     buffer into a second one (6b). Here the parameters are cast-copied straight into their unsharded
     buffers in one ``torch._foreach_copy_``, and the gradient buffer is the reduce-scatter's output: the
-    same values, half the memory traffic and none of the per-parameter host work. Returns whether it
-    applied: not for a group of several ranks, under CPU offload, or for tensor subclasses with their own
+    same values, half the memory traffic and none of the per-parameter host work. Units it does not
+    apply to keep FSDP2's path: a group of several ranks, CPU offload, tensor subclasses with their own
     all-gather (``fsdp_pre_all_gather``).
     """
     from torch.distributed.fsdp._fully_shard._fsdp_param import alloc_storage
 
     group = unit._get_fsdp_state()._fsdp_param_group
     if group is None or group._all_gather_process_group.size() != 1:
-        return False
+        return
     if any(p.offload_to_cpu or hasattr(p._sharded_local_tensor, "fsdp_pre_all_gather") for p in group.fsdp_params):
-        return False
+        return
 
     def wait_for_unshard() -> None:  # FSDP2's world-size-1 branch, with the copies done in one foreach
         if not group._all_gather_result:
@@ -200,7 +200,6 @@ def skip_single_rank_copies(unit: nn.Module) -> bool:
 
     group.wait_for_unshard = wait_for_unshard
     unit.set_custom_reduce_scatter(_AliasedReduceScatter())
-    return True
 
 
 def replica_reduction_pending(unit: nn.Module) -> bool:

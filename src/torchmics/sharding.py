@@ -212,8 +212,12 @@ def _reshard_after_no_grad_forward(model: nn.Module, args: tuple, output: object
     """An eval's forward has no backward to reshard its units: reshard them now, so that the next optimizer
     step updates the shards ``model.parameters()`` lists and the next forward gathers the new weights."""
     if not torch.is_grad_enabled():
-        for unit in shard_state(model).units:
-            unit.reshard()
+        _reshard_units(shard_state(model))
+
+
+def _reshard_units(state: ShardState) -> None:
+    for unit in state.units:
+        unit.reshard()  # a no-op for a unit already resharded, as every unit is after its backward
 
 
 def _check_offload(offload: bool, mixed_precision: MixedPrecision | None, optimizer_over_replicas: bool) -> None:
@@ -336,8 +340,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     if state.optimizer is not None:  # gradients are only complete in the optimizer's slices
         return state.optimizer.clip_grad_norm_(max_norm, norm_type)
     if not state.reshard_after_forward:  # a forward no backward followed leaves gathered copies in parameters()
-        for unit in state.units:
-            unit.reshard()
+        _reshard_units(state)
     with_grads = [p for p in model.parameters() if p.grad is not None]
     _refuse_unreduced(state, bool(with_grads))
     grads = [p.grad for p in with_grads]

@@ -23,7 +23,7 @@ import torchmics
 from torchmics import hardware
 from torchmics.bench.profile import profile_step
 from torchmics.bench.spec import LEARNING_RATE, BenchSpec
-from torchmics.bench.systems import SYSTEMS
+from torchmics.bench.systems import SYSTEMS, reshards_after_forward
 from torchmics.models import build_model, causal_lm_loss, logits_of
 from torchmics.dtypes import DTYPES, replica_hop_format
 from torchmics.topology import current_device, ensure_process_group
@@ -132,17 +132,10 @@ def _record(cfg: BenchConfig, spec: BenchSpec, info, step_time: float, device: t
         "torch": torch.__version__,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
         "compiled": cfg.compile,
-        "reshard_after_forward": _reshards_after_forward(spec),
+        "reshard_after_forward": reshards_after_forward(spec),
         "grad_clip": cfg.grad_clip,
         "status": "ok",
     }
-
-
-def _reshards_after_forward(spec: BenchSpec) -> bool | None:
-    """Whether the system's units were resharded after forward (None: not an FSDP2 system)."""
-    if spec.system.startswith("torchmics"):
-        return spec.partition_size > 1  # systems._torchmics
-    return True if spec.system.startswith("fsdp2") else None
 
 
 def run_system(cfg: BenchConfig, system: str, partition_size: int, timeout_s: float = 900) -> dict:

@@ -34,7 +34,7 @@ def _torchmics(spec: BenchSpec, model: nn.Module, hierarchical, two_hop: bool, o
     mp = torchmics.MixedPrecision(spec.param_dtype, spec.reduce_dtype, spec.replica_reduce_dtype)
     model = torchmics.shard(model, topo, mixed_precision=mp, hierarchical=hierarchical,
                             shard_optimizer_across_replicas=optimizer_over_replicas, init_seed=SEED,
-                            reshard_after_forward=spec.partition_size > 1)  # as train runs P = 1 (when it fits)
+                            reshard_after_forward=reshards_after_forward(spec))
     optimizer = None
     if optimizer_over_replicas:
         fused = torch.cuda.is_available()
@@ -44,6 +44,14 @@ def _torchmics(spec: BenchSpec, model: nn.Module, hierarchical, two_hop: bool, o
         return contextlib.nullcontext() if is_last or not two_hop else torchmics.no_replica_sync(model)
 
     return Prepared(model, sync, optimizer=optimizer, clip_grad_norm=lambda max_norm: torchmics.clip_grad_norm_(model, max_norm))
+
+
+def reshards_after_forward(spec: BenchSpec) -> bool | None:
+    """Whether the system's units are resharded after forward (None: not an FSDP2 system). torchmics keeps
+    them gathered at P = 1, as train does where the copy fits; plain FSDP2 reshards its units."""
+    if spec.system.startswith("torchmics"):
+        return spec.partition_size > 1
+    return True if spec.system.startswith("fsdp2") else None
 
 
 def _fsdp2(spec: BenchSpec, model: nn.Module, hsdp: bool) -> Prepared:

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torchmics.dtypes import replica_hop_format
 from torchmics.models import schedules
 from torchmics.models.gpt import ModelInfo
+from torchmics.plan.strategy import Strategy
 from torchmics.quantized import Quantized
 from torchmics.sharding import shard_state
 from torchmics.tables import read_jsonl
@@ -115,10 +116,11 @@ class Reporter:
         self.console.print(f"output    {self.out}")
 
     def _gathering(self, topo: Topology, model: nn.Module) -> str:
-        """At P = 1 units stay gathered from forward to backward, unless that copy would not fit (train/resolve.py)."""
+        """Where the planner keeps units gathered from forward to backward, train does unless that copy
+        would not fit (train/resolve.py): say which."""
         if not shard_state(model).reshard_after_forward:
             return "; every unit stays gathered from forward to backward"
-        if topo.partition_size == 1 and not self.cfg.cpu_offload:
+        if Strategy("mics", cpu_offload=self.cfg.cpu_offload).keeps_gathered(topo.partition_size):
             return "; units resharded after forward: keeping them gathered would not fit"
         return ""
 

@@ -60,12 +60,13 @@ def resolve_partition_size(cfg: TrainConfig, info: ModelInfo, world: int, gpus_p
 
 def resolve_reshard_after_forward(cfg: TrainConfig, info: ModelInfo, world: int, gpus_per_node: int,
                                   partition_size: int) -> bool:
-    """``False`` (units kept gathered from forward to backward) for a one-rank partition group without
-    offload, as a plain loop keeps autocast's copies, unless on this GPU that copy would not fit and
-    resharded units would (see :func:`torchmics.shard`); ``True`` everywhere else."""
-    if partition_size != 1 or cfg.cpu_offload:
+    """``False`` (units kept gathered from forward to backward) where the planner keeps them
+    (``Strategy.keeps_gathered``: a one-rank partition group without offload, as a plain loop keeps
+    autocast's copies), unless on this GPU that copy would not fit (see :func:`torchmics.shard`)."""
+    job = planner_job(cfg, world, gpus_per_node)
+    if not job.options.keeps_gathered(partition_size):
         return True
-    return torch.cuda.is_available() and single_rank_must_reshard(info, planner_job(cfg, world, gpus_per_node))
+    return torch.cuda.is_available() and single_rank_must_reshard(info, job)
 
 
 def planner_job(cfg: TrainConfig, world: int, gpus_per_node: int) -> Job:
